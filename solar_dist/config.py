@@ -1,0 +1,330 @@
+"""Typed configuration: one dataclass per concern, merged by OmegaConf, validated before any work starts.
+
+Why structured configs: OmegaConf rejects unknown keys and wrong types against the dataclass schema, so a
+typo in a YAML file or a `key=value` override fails at load time with the key named, not an hour into a run.
+Cross-field rules (rank <= dim, heads divide dim, ...) live in `validate()`, which raises `ConfigError`
+naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or impossible. The message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------- schema
+@dataclass
+class SynthConfig:
+    """Parameters of the synthetic lifelong-behaviour generator (see solar_dist/data/synth.py)."""
+
+    num_users: int = 3000
+    num_items: int = 20000
+    num_topics: int = 48
+    topics_per_user: int = 3
+    latent_dim: int = 16
+    min_hist_len: int = 20
+    max_hist_len: int = 10000
+    num_candidates: int = 50
+    popularity_exponent: float = 1.1
+    early_interest_fraction: float = 0.15
+    affinity_weight: float = 3.0
+    popularity_weight: float = 0.3
+    base_logit: float = -3.0
+    valid_fraction: float = 0.15
+    test_fraction: float = 0.15
+    rows_per_file: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the Parquet request files live and how they are read."""
+
+    path: str = "data/quickstart"
+    # When `path` has no data yet: "synth" generates it with `synth`; "error" refuses.
+    if_missing: str = "synth"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    loader: str = "pyarrow"  # pyarrow | ray
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    shuffle: bool = True
+    # Sort requests by history length inside windows of this many batches, to cut padding (0 = off).
+    bucket_batches: int = 8
+    max_hist_len: int = 0  # 0 = keep every event; > 0 keeps the most recent events (explicit, logged)
+    allow_empty_history: bool = False
+    prefetch_batches: int = 2
+    num_workers: int = 0
+
+
+@dataclass
+class EmbeddingConfig:
+    """TorchRec tables. The item table is shared by history and candidates (`feature_names`)."""
+
+    dim: int = 64
+    user_table_size: int = 0  # 0 = from the data's metadata
+    item_table_size: int = 0  # 0 = from the data's metadata
+    use_actions: bool = False
+    action_table_size: int = 8
+    optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | adam | sgd
+    lr: float = 0.05
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # Per-table constraints for the planner: sharding type (table_wise | row_wise | column_wise |
+    # data_parallel, or "" = planner's choice) and compute kernel (fused | dense | "" = planner's choice).
+    sharding_types: Dict[str, str] = field(default_factory=dict)
+    compute_kernels: Dict[str, str] = field(default_factory=dict)
+    init_std: float = 0.02
+
+
+@dataclass
+class ModelConfig:
+    """The SOLAR tower."""
+
+    depth: int = 2
+    num_heads: int = 2
+    rank: int = 8
+    attention: str = "svd"  # svd | sdpa | linear | truncate | oracle
+    svd_method: str = "randomized"  # exact | gram | randomized
+    interest_scale: str = "sqrt_n"  # sqrt_n | none
+    basis_grad: str = "full"  # full | detach
+    mass_bias: bool = False
+    oversample: int = 8
+    power_iters: int = 2
+    truncate_k: int = 50
+    recent_k: int = 16  # last-k events joined to the interests in candidate attention (0 = pure SOLAR)
+    ffn_mult: int = 2
+    dropout: float = 0.0
+    set_layer: bool = False
+    scorer_hidden: List[int] = field(default_factory=lambda: [64])
+    position_buckets: int = 32  # log-spaced recency buckets
+
+
+@dataclass
+class LossConfig:
+    bce_weight: float = 1.0
+    listwise_weight: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    """world = dp x sp. Sequence parallelism splits each user's history over `sp` ranks."""
+
+    sp: int = 1
+    backend: str = "auto"  # auto (nccl on cuda, else gloo) | gloo | nccl
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The dense tower's engine. Written into DeepSpeed's own config dict by parallel/engine.py."""
+
+    zero_stage: int = 0
+    optimizer: str = "AdamW"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    bf16: bool = False
+    warmup_steps: int = 20
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    max_steps: int = 0  # 0 = no limit
+    seed: int = 0
+    log_every: int = 10
+    run_dir: str = "runs/quickstart"
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+    deterministic: bool = True
+    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+
+@dataclass
+class EvalConfig:
+    every_epoch: bool = True
+    split: str = "valid"  # valid | test
+    metrics: List[str] = field(default_factory=lambda: ["auc", "gauc", "ne", "logloss"])
+    max_batches: int = 0
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # "" = start a local Ray; otherwise attach (e.g. "auto" or "ray://host:10001")
+    num_cpus: int = 0  # 0 = Ray's default
+    dashboard: bool = False
+
+
+@dataclass
+class SolarConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ------------------------------------------------------------------------------------------ allowed values
+CHOICES: Dict[str, Sequence[str]] = {
+    "data.if_missing": ("synth", "error"),
+    "data.loader": ("pyarrow", "ray"),
+    "embedding.optimizer": ("rowwise_adagrad", "adagrad", "adam", "sgd"),
+    "model.attention": ("svd", "sdpa", "linear", "truncate", "oracle"),
+    "model.svd_method": ("exact", "gram", "randomized"),
+    "model.interest_scale": ("sqrt_n", "none"),
+    "model.basis_grad": ("full", "detach"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "parallel.device": ("auto", "cpu", "cuda"),
+    "deepspeed.optimizer": ("AdamW", "Adam", "SGD"),
+    "eval.split": ("valid", "test"),
+}
+SHARDING_TYPES = ("", "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
+COMPUTE_KERNELS = ("", "fused", "dense")
+EVAL_METRICS = ("auc", "gauc", "ne", "logloss")
+
+# (key, lower bound, inclusive?) for numbers that must be positive / non-negative.
+_POSITIVE = [
+    "synth.num_users", "synth.num_items", "synth.num_topics", "synth.topics_per_user", "synth.latent_dim",
+    "synth.min_hist_len", "synth.max_hist_len", "synth.num_candidates", "synth.rows_per_file",
+    "data.batch_size", "data.eval_batch_size", "embedding.dim", "embedding.action_table_size",
+    "model.depth", "model.num_heads", "model.rank", "model.truncate_k", "model.ffn_mult",
+    "model.position_buckets", "parallel.sp", "train.epochs", "train.log_every", "train.keep_checkpoints",
+]
+_NON_NEGATIVE = [
+    "data.bucket_batches", "data.max_hist_len", "data.prefetch_batches", "data.num_workers",
+    "embedding.user_table_size", "embedding.item_table_size", "embedding.lr", "embedding.eps",
+    "embedding.weight_decay", "embedding.init_std", "model.oversample", "model.power_iters", "model.recent_k",
+    "model.dropout", "loss.bce_weight", "loss.listwise_weight", "deepspeed.lr", "deepspeed.weight_decay",
+    "deepspeed.grad_clip", "deepspeed.warmup_steps", "train.max_steps", "train.checkpoint_every",
+    "train.num_threads", "eval.max_batches", "ray.num_cpus", "synth.popularity_exponent",
+    "synth.early_interest_fraction", "synth.valid_fraction", "synth.test_fraction",
+]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    root = cfg.data.synth if dotted.startswith("synth.") else cfg
+    key = dotted[len("synth."):] if dotted.startswith("synth.") else dotted
+    for part in key.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _full_key(dotted: str) -> str:
+    return "data." + dotted if dotted.startswith("synth.") else dotted
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field checks. Raises ConfigError naming the key, its value and what is allowed."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+    for key in _POSITIVE:
+        value = _get(cfg, key)
+        if value < 1:
+            raise ConfigError(f"{_full_key(key)}={value} must be >= 1")
+    for key in _NON_NEGATIVE:
+        value = _get(cfg, key)
+        if value < 0:
+            raise ConfigError(f"{_full_key(key)}={value} must be >= 0")
+    e, m, s = cfg.embedding, cfg.model, cfg.data.synth
+    if e.dim % m.num_heads != 0:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} must divide embedding.dim={e.dim}; allowed heads: "
+            f"{[h for h in range(1, e.dim + 1) if e.dim % h == 0]}"
+        )
+    if m.rank > e.dim:
+        raise ConfigError(f"model.rank={m.rank} must be <= embedding.dim={e.dim} (allowed 1..{e.dim})")
+    if m.dropout >= 1:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if cfg.loss.bce_weight == 0 and cfg.loss.listwise_weight == 0:
+        raise ConfigError("loss.bce_weight and loss.listwise_weight are both 0; at least one must be > 0")
+    if s.min_hist_len > s.max_hist_len:
+        raise ConfigError(
+            f"data.synth.min_hist_len={s.min_hist_len} must be <= data.synth.max_hist_len={s.max_hist_len}"
+        )
+    if s.topics_per_user > s.num_topics:
+        raise ConfigError(
+            f"data.synth.topics_per_user={s.topics_per_user} must be <= data.synth.num_topics={s.num_topics}"
+        )
+    if s.num_candidates > s.num_items:
+        raise ConfigError(f"data.synth.num_candidates={s.num_candidates} must be <= data.synth.num_items")
+    if not 0 <= s.early_interest_fraction < 1:
+        raise ConfigError(f"data.synth.early_interest_fraction={s.early_interest_fraction} must be in [0, 1)")
+    if s.valid_fraction + s.test_fraction >= 1:
+        raise ConfigError("data.synth.valid_fraction + data.synth.test_fraction must be < 1")
+    for table, st in e.sharding_types.items():
+        if st not in SHARDING_TYPES:
+            raise ConfigError(f"embedding.sharding_types.{table}={st!r}; choose one of {list(SHARDING_TYPES)}")
+    for table, ck in e.compute_kernels.items():
+        if ck not in COMPUTE_KERNELS:
+            raise ConfigError(f"embedding.compute_kernels.{table}={ck!r}; choose one of {list(COMPUTE_KERNELS)}")
+    for name in cfg.eval.metrics:
+        if name not in EVAL_METRICS:
+            raise ConfigError(f"eval.metrics contains {name!r}; allowed: {list(EVAL_METRICS)}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; allowed: [0, 1, 2, 3]")
+    if len(cfg.deepspeed.betas) != 2 or not all(0 <= b < 1 for b in cfg.deepspeed.betas):
+        raise ConfigError(f"deepspeed.betas={list(cfg.deepspeed.betas)} must be two numbers in [0, 1)")
+    if any(h < 1 for h in m.scorer_hidden):
+        raise ConfigError(f"model.scorer_hidden={list(m.scorer_hidden)}: every width must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _merge_error(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> SolarConfig:
+    """Schema defaults <- YAML file <- `key=value` overrides; then validate().
+
+    Returns a typed object (OmegaConf.to_object), so code downstream uses plain attribute access.
+    """
+    schema = OmegaConf.structured(SolarConfig)
+    try:
+        merged = schema
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: SolarConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _merge_error(exc) from None
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: SolarConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: SolarConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: SolarConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))

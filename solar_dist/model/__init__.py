@@ -1,0 +1,1 @@
+"""Model: TorchRec sparse arch, the SOLAR tower (dense), losses."""

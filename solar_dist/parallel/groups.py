@@ -1,0 +1,102 @@
+"""Process-group set-up: world = dp x sp.
+
+Rank layout: rank = dp_index * sp + sp_index, so the ranks of one sequence-parallel group are consecutive
+(on a GPU cluster they share a node and its fast links; the sp all-reduces are the latency-sensitive ones).
+`init_distributed` works under the deepspeed launcher, torchrun, Ray Train, or as a plain single process
+(it then creates a world of 1 on a free local port, so the same code path — DMP, DeepSpeed — always runs).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Layout:
+    rank: int
+    world_size: int
+    dp: int
+    sp: int
+    dp_rank: int
+    sp_rank: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    sp_group: Optional[dist.ProcessGroup]  # None when sp == 1
+    dp_group: Optional[dist.ProcessGroup]  # ranks with the same sp_rank (None when dp == 1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("parallel.device=cuda but no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(sp: int = 1, backend: str = "auto", device: str = "auto") -> Layout:
+    """Initialises torch.distributed (if not already) and builds the dp and sp groups."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: start through launch/ or a launcher")
+        os.environ["MASTER_PORT"] = str(free_port())
+    local_rank = int(os.environ["LOCAL_RANK"])
+    dev = _resolve_device(device, local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=10))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % sp != 0:
+        raise ValueError(f"parallel.sp={sp} must divide the world size {world}")
+    dp = world // sp
+    sp_group = dp_group = None
+    # every rank must create every group, in the same order
+    for d in range(dp):
+        ranks = list(range(d * sp, (d + 1) * sp))
+        g = dist.new_group(ranks, backend=backend) if sp > 1 else None
+        if rank in ranks:
+            sp_group = g
+    for s in range(sp):
+        ranks = list(range(s, world, sp))
+        g = dist.new_group(ranks, backend=backend) if dp > 1 else None
+        if rank in ranks:
+            dp_group = g
+    return Layout(rank=rank, world_size=world, dp=dp, sp=sp, dp_rank=rank // sp, sp_rank=rank % sp,
+                  local_rank=local_rank, device=dev, backend=backend, sp_group=sp_group, dp_group=dp_group)
+
+
+def shutdown() -> None:
+    """Barrier, then destroy the default group: every rank leaves the collectives together, so no gloo
+    thread is torn down while a peer still talks to it."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -1,0 +1,67 @@
+"""Config: schema defaults, YAML + overrides, and every kind of bad value failing early with the key named."""
+import pytest
+
+from solar_dist.config import ConfigError, load_config, to_yaml
+
+from .conftest import REPO
+
+
+def test_quickstart_loads_and_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert cfg.model.attention == "svd" and cfg.embedding.dim % cfg.model.num_heads == 0
+    p = tmp_path / "c.yaml"
+    p.write_text(to_yaml(cfg))
+    assert load_config(p) == cfg
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(None, ["model.rank=4", "deepspeed.lr=0.1", "embedding.sharding_types={item: column_wise}"])
+    assert cfg.model.rank == 4 and cfg.deepspeed.lr == 0.1
+    assert cfg.embedding.sharding_types == {"item": "column_wise"}
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.rnak=4", "model.rnak"),                      # unknown key
+    ("data.batch_size=abc", "data.batch_size"),         # wrong type
+    ("model.rank=65", "model.rank"),                     # rank > dim (default dim 64)
+    ("model.num_heads=3", "model.num_heads"),            # heads do not divide dim
+    ("data.batch_size=-1", "data.batch_size"),           # negative size
+    ("embedding.dim=0", "embedding.dim"),
+    ("model.attention=flash", "model.attention"),        # not an allowed value
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("data.synth.min_hist_len=500", "data.synth.min_hist_len"),  # min > max (max set to 100 below)
+    ("embedding.sharding_types={item: diagonal}", "embedding.sharding_types.item"),
+    ("eval.metrics=[auc,precision]", "eval.metrics"),
+    ("model.dropout=1.5", "model.dropout"),
+])
+def test_bad_values_name_the_key(override, needle):
+    extra = ["data.synth.max_hist_len=100"] if "min_hist_len" in override else []
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override, *extra])
+    assert needle in str(exc.value)
+
+
+def test_allowed_values_listed():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["model.svd_method=qr"])
+    assert "randomized" in str(exc.value) and "gram" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["model.num_heads=5", "embedding.dim=12", "model.rank=4"])
+    assert "[1, 2, 3, 4, 6, 12]" in str(exc.value)
+
+
+def test_missing_file_and_malformed_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["model.rank"])
+
+
+def test_cli_rejects_bad_config_before_work(capsys, tmp_path):
+    from solar_dist.cli import main
+
+    rc = main(["train", str(REPO / "configs" / "quickstart.yaml"), "model.rank=999",
+               f"data.path={tmp_path / 'never'}"])
+    assert rc == 2
+    assert "model.rank" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
