@@ -134,6 +134,8 @@ class DeepSpeedConfig:
     grad_clip: float = 1.0
     bf16: bool = False
     warmup_steps: int = 20
+    # ZeRO communication buckets (elements). DeepSpeed's default (5e8) allocates GBs for a small tower.
+    bucket_size: int = 50_000_000
 
 
 @dataclass
@@ -201,7 +203,7 @@ EVAL_METRICS = ("auc", "gauc", "ne", "logloss")
 _POSITIVE = [
     "synth.num_users", "synth.num_items", "synth.num_topics", "synth.topics_per_user", "synth.latent_dim",
     "synth.min_hist_len", "synth.max_hist_len", "synth.num_candidates", "synth.rows_per_file",
-    "data.batch_size", "data.eval_batch_size", "embedding.dim", "embedding.action_table_size",
+    "data.batch_size", "data.eval_batch_size", "embedding.dim", "deepspeed.bucket_size", "embedding.action_table_size",
     "model.depth", "model.num_heads", "model.rank", "model.truncate_k", "model.ffn_mult",
     "model.position_buckets", "parallel.sp", "train.epochs", "train.log_every", "train.keep_checkpoints",
 ]

@@ -33,7 +33,7 @@ def tower_inputs(ec_out: Dict[str, JaggedTensor], ebc_out: KeyedTensor, batch: B
     equals the global gradient of the tower; the embedding path must not see that factor (TorchRec *sums*
     gradients into the owning shards), so it is divided out here, at the boundary."""
     hist = ec_out[HIST_ITEM].values()
-    if HIST_ACTION in ec_out:
+    if HIST_ACTION in batch.features.keys():
         hist = hist + ec_out[HIST_ACTION].values()
     cand = ec_out[CAND_ITEM].values()
     user = ebc_out[USER_ID]
