@@ -49,6 +49,9 @@ class DataConfig:
     """Where the Parquet request files live and how they are read."""
 
     path: str = "data/quickstart"
+    # ranking: requests carry candidates + labels (CTR-style). next_item: leave-one-out sequential
+    # recommendation (targets along the history, sampled negatives; see `next_item`).
+    task: str = "ranking"
     # When `path` has no data yet: "synth" generates it with `synth`; "error" refuses.
     if_missing: str = "synth"
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -166,6 +169,57 @@ class RayConfig:
     address: str = ""  # "" = start a local Ray; otherwise attach (e.g. "auto" or "ray://host:10001")
     num_cpus: int = 0  # 0 = Ray's default
     dashboard: bool = False
+    object_store_mb: int = 0  # local Ray only: object store size in MiB (0 = Ray's default, 30% of RAM)
+    # CPUs each Ray loader task / Ray Data read task reserves. 0 = none: loading never waits for a free CPU,
+    # so it cannot deadlock inside a Tune trial or Ray Train worker that already holds the CPUs.
+    loader_cpus: float = 0.0
+
+
+@dataclass
+class NextItemConfig:
+    """Next-item (sequential recommendation) training and evaluation, used when `data.task=next_item`.
+
+    Owned by the real-data work (converters, leave-one-out protocol, retrieval metrics)."""
+
+    train_negatives: int = 128  # sampled negatives per training target (0 = full catalogue softmax)
+    negative_sampler: str = "uniform"  # uniform | popularity
+    cut_points_per_user: int = 0  # training samples per user per epoch (0 = every position)
+    eval_protocols: List[str] = field(default_factory=lambda: ["sampled100", "full"])
+    eval_negatives: int = 100
+    topk: int = 10
+    # Per-epoch validation on a fixed random subset of this many users (0 = all); the final test uses all.
+    eval_max_users: int = 0
+    # Full-catalogue ranking on a fixed random subset of this many users (0 = all; large catalogues on CPU).
+    full_max_users: int = 0
+    # Full-catalogue scoring: at most this many (user, item) scores per forward call (bounds memory).
+    eval_chunk_pairs: int = 65536
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune sweep over SVD-Attention rank, tower depth and learning rate (ASHA early stopping).
+
+    Owned by the Ray work."""
+
+    ranks: List[int] = field(default_factory=lambda: [4, 8, 16])
+    depths: List[int] = field(default_factory=lambda: [1, 2])
+    lr_min: float = 5e-4
+    lr_max: float = 5e-3
+    num_samples: int = 1  # repeats of the grid (lr sampled log-uniform each time)
+    metric: str = "auc"
+    mode: str = "max"
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent: int = 0  # 0 = as many as the CPUs allow
+    cpus_per_trial: float = 1.0
+    workers_per_trial: int = 1  # > 1: Ray Train TorchTrainer with DeepSpeed inside each trial
+    storage_path: str = "runs/tune"
+    name: str = "solar_tune"
+    # Extra grid axes over any config key, e.g. {"data.batch_size": [16, 32]}; values are checked per trial
+    # (a trial whose value is invalid fails with the error and the sweep goes on).
+    grid: Dict[str, Any] = field(default_factory=dict)
+    # true: continue the sweep at storage_path/name (unfinished trials run again, finished/failed ones are kept)
+    resume: bool = False
 
 
 @dataclass
@@ -179,11 +233,16 @@ class SolarConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    next_item: NextItemConfig = field(default_factory=NextItemConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # ------------------------------------------------------------------------------------------ allowed values
 CHOICES: Dict[str, Sequence[str]] = {
     "data.if_missing": ("synth", "error"),
+    "data.task": ("ranking", "next_item"),
+    "next_item.negative_sampler": ("uniform", "popularity"),
+    "tune.mode": ("max", "min"),
     "data.loader": ("pyarrow", "ray"),
     "embedding.optimizer": ("rowwise_adagrad", "adagrad", "adam", "sgd"),
     "model.attention": ("svd", "sdpa", "linear", "truncate", "oracle"),
@@ -205,7 +264,8 @@ _POSITIVE = [
     "synth.min_hist_len", "synth.max_hist_len", "synth.num_candidates", "synth.rows_per_file",
     "data.batch_size", "data.eval_batch_size", "embedding.dim", "deepspeed.bucket_size", "embedding.action_table_size",
     "model.depth", "model.num_heads", "model.rank", "model.truncate_k", "model.ffn_mult",
-    "model.position_buckets", "parallel.sp", "train.epochs", "train.log_every", "train.keep_checkpoints",
+    "model.position_buckets", "parallel.sp", "next_item.eval_negatives", "next_item.topk", "next_item.eval_chunk_pairs",
+    "tune.num_samples", "tune.grace_period", "tune.reduction_factor", "tune.workers_per_trial", "train.epochs", "train.log_every", "train.keep_checkpoints",
 ]
 _NON_NEGATIVE = [
     "data.bucket_batches", "data.max_hist_len", "data.prefetch_batches", "data.num_workers",
@@ -213,7 +273,8 @@ _NON_NEGATIVE = [
     "embedding.weight_decay", "embedding.init_std", "model.oversample", "model.power_iters", "model.recent_k",
     "model.dropout", "loss.bce_weight", "loss.listwise_weight", "deepspeed.lr", "deepspeed.weight_decay",
     "deepspeed.grad_clip", "deepspeed.warmup_steps", "train.max_steps", "train.checkpoint_every",
-    "train.num_threads", "eval.max_batches", "ray.num_cpus", "synth.popularity_exponent",
+    "train.num_threads", "eval.max_batches", "ray.num_cpus", "next_item.train_negatives",
+    "next_item.cut_points_per_user", "next_item.eval_max_users", "next_item.full_max_users", "tune.max_concurrent", "tune.lr_min", "synth.popularity_exponent",
     "synth.early_interest_fraction", "synth.valid_fraction", "synth.test_fraction",
 ]
 
@@ -279,6 +340,23 @@ def validate(cfg: Any) -> None:
     for name in cfg.eval.metrics:
         if name not in EVAL_METRICS:
             raise ConfigError(f"eval.metrics contains {name!r}; allowed: {list(EVAL_METRICS)}")
+    for name in cfg.next_item.eval_protocols:
+        if name not in ("sampled100", "full"):
+            raise ConfigError(f"next_item.eval_protocols contains {name!r}; allowed: ['sampled100', 'full']")
+    t = cfg.tune
+    if not t.ranks or any(r < 1 or r > e.dim for r in t.ranks):
+        raise ConfigError(f"tune.ranks={list(t.ranks)}: each must be in 1..embedding.dim={e.dim}")
+    if not t.depths or any(d < 1 for d in t.depths):
+        raise ConfigError(f"tune.depths={list(t.depths)}: each must be >= 1")
+    if not 0 < t.lr_min <= t.lr_max:
+        raise ConfigError(f"tune.lr_min={t.lr_min} and tune.lr_max={t.lr_max} must satisfy 0 < min <= max")
+    if t.cpus_per_trial <= 0:
+        raise ConfigError(f"tune.cpus_per_trial={t.cpus_per_trial} must be > 0")
+    for key, values in t.grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"tune.grid.{key}={values!r} must be a non-empty list of values")
+    if cfg.ray.object_store_mb < 0 or cfg.ray.loader_cpus < 0:
+        raise ConfigError("ray.object_store_mb and ray.loader_cpus must be >= 0")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; allowed: [0, 1, 2, 3]")
     if len(cfg.deepspeed.betas) != 2 or not all(0 <= b < 1 for b in cfg.deepspeed.betas):

@@ -27,6 +27,8 @@ def deepspeed_config(cfg: SolarConfig, world_size: int) -> Dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "bf16": {"enabled": bool(ds.bf16)},
+        # torch.optim.SGD under ZeRO partitions like any torch optimizer; DeepSpeed only lists Adam variants
+        "zero_allow_untested_optimizer": True,
     }
     if ds.warmup_steps > 0:
         conf["scheduler"] = {

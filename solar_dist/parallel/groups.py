@@ -28,8 +28,13 @@ class Layout:
     local_rank: int
     device: torch.device
     backend: str
-    sp_group: Optional[dist.ProcessGroup]  # None when sp == 1
-    dp_group: Optional[dist.ProcessGroup]  # ranks with the same sp_rank (None when dp == 1)
+    sp_group: dist.ProcessGroup  # the sp ranks of this rank's dp index
+    dp_group: dist.ProcessGroup  # ranks with the same sp_rank (sp_rank 0's group evaluates)
+
+    @property
+    def tower_sp_group(self) -> Optional[dist.ProcessGroup]:
+        """What the tower's collectives use: None when sp == 1 (no communication at all)."""
+        return self.sp_group if self.sp > 1 else None
 
     @property
     def is_main(self) -> bool:
@@ -80,14 +85,15 @@ def init_distributed(sp: int = 1, backend: str = "auto", device: str = "auto") -
     # every rank must create every group, in the same order
     for d in range(dp):
         ranks = list(range(d * sp, (d + 1) * sp))
-        g = dist.new_group(ranks, backend=backend) if sp > 1 else None
+        g = dist.new_group(ranks, backend=backend)
         if rank in ranks:
             sp_group = g
     for s in range(sp):
         ranks = list(range(s, world, sp))
-        g = dist.new_group(ranks, backend=backend) if dp > 1 else None
+        g = dist.new_group(ranks, backend=backend)
         if rank in ranks:
             dp_group = g
+    assert sp_group is not None and dp_group is not None
     return Layout(rank=rank, world_size=world, dp=dp, sp=sp, dp_rank=rank // sp, sp_rank=rank % sp,
                   local_rank=local_rank, device=dev, backend=backend, sp_group=sp_group, dp_group=dp_group)
 

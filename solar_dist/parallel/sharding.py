@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed import comm_ops
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -80,6 +81,11 @@ def make_planner(cfg: SolarConfig, table_names: List[str], world_size: int, devi
 
 def shard(cfg: SolarConfig, sparse: nn.Module, table_names: List[str], device: torch.device, backend: str,
           pg: Optional[dist.ProcessGroup] = None) -> tuple[DistributedModelParallel, ShardingPlan]:
+    # TorchRec by default divides embedding gradients by the world size inside its all-to-all backward (DDP
+    # "mean" semantics), but only where a collective runs, i.e. not on one rank. The trainer normalises
+    # explicitly instead (loss sums / global counts, and model.solar.scale_grad on the embedding outputs),
+    # which is the same on 1 or N ranks and under every sharding type; so TorchRec's division is switched off.
+    comm_ops.set_gradient_division(False)
     attach_fused_optimizer(cfg, sparse)
     pg = pg or dist.group.WORLD
     planner = make_planner(cfg, table_names, dist.get_world_size(pg), device.type, backend)

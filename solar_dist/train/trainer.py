@@ -18,7 +18,7 @@ import random
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from ..config import SolarConfig, save_config
 from ..data.batch import Batch
-from ..data.loader import ArrowLoader, eval_loader
+from ..data.factory import build_train_loader
+from ..data.loader import eval_loader
 from ..data.schema import DatasetMeta, dataset_exists, read_split
 from ..model.losses import loss_parts
 from ..model.solar import tower_inputs
@@ -34,6 +35,7 @@ from ..model.sparse import SparseArch, TableSizes
 from ..model.tower import SolarTower
 from ..parallel.engine import init_engine
 from ..parallel.groups import Layout, init_distributed
+from ..parallel.sequence import gather_candidates, split_for_sp
 from ..parallel.sharding import describe_plan, shard
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import EvalMetrics
@@ -95,20 +97,13 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         self.layout = layout or init_distributed(cfg.parallel.sp, cfg.parallel.backend, cfg.parallel.device)
         L = self.layout
-        if L.sp > 1:
-            raise NotImplementedError("parallel.sp > 1 needs the sequence-parallel batch split (issue: "
-                                      "distributed training); run with parallel.sp=1")
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.run_dir = Path(cfg.train.run_dir)
         self.meta = ensure_dataset(cfg, L)
         d = cfg.data
         self.train_table = read_split(d.path, "train", self.meta, allow_empty_history=d.allow_empty_history)
         self.eval_table = read_split(d.path, cfg.eval.split, self.meta, allow_empty_history=d.allow_empty_history)
-        self.loader = ArrowLoader(
-            self.train_table, d.batch_size, dp_rank=L.dp_rank, dp_size=L.dp, shuffle=d.shuffle,
-            seed=cfg.train.seed, bucket_batches=d.bucket_batches, max_hist_len=d.max_hist_len,
-            prefetch=d.prefetch_batches,
-        )
+        self.loader = build_train_loader(cfg, self.train_table, L.dp_rank, L.dp)
         self.sizes = TableSizes(num_items=self.meta.num_items, num_users=self.meta.num_users,
                                 num_actions=self.meta.num_actions)
         sparse = SparseArch(cfg, self.sizes, device="meta")
@@ -132,9 +127,10 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- one step
     def forward(self, batch: Batch, grad_scale: float = 1.0) -> torch.Tensor:
+        """Logits of this rank's candidates. `batch` is already this rank's sp share (split_for_sp)."""
         ec_out, ebc_out = self.dmp(batch.features, batch.user_features)
         inputs = tower_inputs(ec_out, ebc_out, batch, grad_scale=grad_scale, dtype=self.dtype)
-        return self.engine(**inputs).float()
+        return self.engine(**inputs, sp_group=self.layout.tower_sp_group).float()
 
     def _global(self, *values: torch.Tensor) -> List[float]:
         t = torch.stack([v.detach().double().cpu() for v in values])
@@ -144,12 +140,13 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> Dict[str, float]:
         L, lc = self.layout, self.cfg.loss
-        batch = batch.to(L.device)
+        batch = split_for_sp(batch, L.sp_rank, L.sp).to(L.device)
         self.engine.train()
         self.dmp.train()
         W = float(L.world_size)
         logits = self.forward(batch, grad_scale=1.0 / W)
-        parts = loss_parts(logits, batch.labels, batch.cand_lengths, listwise=lc.listwise_weight > 0)
+        parts = loss_parts(logits, batch.labels, batch.cand_lengths, listwise=lc.listwise_weight > 0,
+                           sp_group=L.tower_sp_group)
         n_bce, n_lw = self._global(parts.bce_count, parts.listwise_count)
         loss = logits.new_zeros(())
         if lc.bce_weight > 0:
@@ -165,27 +162,48 @@ class Trainer:
     # ------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, table=None, max_batches: Optional[int] = None) -> Dict[str, float]:
+        """Metrics on the held-out split, identical on every rank.
+
+        Each dp group scores its share of the requests; under sp the candidate logits are gathered to the
+        group's first rank, so that per-request metrics (GAUC) see whole candidate sets; those ranks reduce
+        the metric state over `dp_group` and rank 0 broadcasts the figures."""
         L, cfg = self.layout, self.cfg
         table = self.eval_table if table is None else table
         self.engine.eval()
         self.dmp.eval()
-        metrics = EvalMetrics(cfg.eval.metrics, batch_size=cfg.data.eval_batch_size)
+        leader = L.sp_rank == 0
+        metrics = EvalMetrics(cfg.eval.metrics, batch_size=cfg.data.eval_batch_size,
+                              process_group=L.dp_group) if leader else None
         loader = eval_loader(table, cfg.data.eval_batch_size, L.dp_rank, L.dp, cfg.data.max_hist_len,
                              cfg.data.prefetch_batches)
         limit = max_batches if max_batches is not None else cfg.eval.max_batches
         for i, batch in enumerate(loader.epoch(0)):
             if limit and i >= limit:
                 break
-            batch = batch.to(L.device)
-            logits = self.forward(batch)
-            metrics.update(logits, batch.labels, batch.cand_lengths)
-        return metrics.compute()
+            empty = batch.batch_size == 0
+            if empty:  # this dp rank's share of the last batch is empty: still join the collectives
+                batch = loader.first_row()
+            local = split_for_sp(batch, L.sp_rank, L.sp)
+            logits = self.forward(local.to(L.device)).cpu()
+            logits = gather_candidates(logits, local.cand_lengths, L.sp_group, L.sp)
+            if leader and not empty:
+                metrics.update(logits, batch.labels, batch.cand_lengths)
+        out = metrics.compute() if leader else {}
+        if L.world_size > 1:
+            box = [out]
+            dist.broadcast_object_list(box, src=0)
+            out = box[0]
+        return out
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
+        """Logits of every candidate of `batch` (the same batch on every rank of an sp group)."""
+        L = self.layout
         self.engine.eval()
         self.dmp.eval()
-        return self.forward(batch.to(self.layout.device))
+        local = split_for_sp(batch, L.sp_rank, L.sp)
+        logits = self.forward(local.to(L.device)).cpu()
+        return gather_candidates(logits, local.cand_lengths, L.sp_group, L.sp)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> Dict[str, Any]:
@@ -211,7 +229,9 @@ class Trainer:
         return True
 
     # -------------------------------------------------------------------------------------------- loop
-    def fit(self) -> Dict[str, Any]:
+    def fit(self, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Trains `train.epochs` epochs (or `train.max_steps` steps), evaluating after each epoch.
+        `on_epoch_end(metrics)` is called on every rank after each evaluation (Ray Tune reports there)."""
         cfg, L = self.cfg, self.layout
         if cfg.train.resume and self.restore():
             self._log(f"resumed from step {self.global_step} (epoch {self.loader.state.epoch}, "
@@ -264,6 +284,8 @@ class Trainer:
                     for k, v in m.items():
                         if k not in ("epoch", "step"):
                             self.writer.add_scalar(f"eval/{k}", v, self.global_step)
+                if on_epoch_end is not None:
+                    on_epoch_end(dict(m))
             if done:
                 break
         ckpt = self.save()

@@ -1,0 +1,360 @@
+"""Compact interests Z = U_rᵀH = Σ_r V_rᵀ of a jagged batch of behaviour sequences (design §1, §3, §4).
+
+Public entry points: :func:`compact_interests` (``(z, alive)``) and :func:`compact_interests_ex`
+(:class:`Interests` with ``mass`` and ``sigma`` too).
+
+How it is computed (all three ``method`` values share steps 2-4):
+
+1. A basis of right singular vectors.  ``exact``: ``torch.linalg.svd`` of the valid rows (float64).
+   ``gram``: ``eigh`` (float64) of G = HᵀH (D×D, all-reduced under sequence parallelism).
+   ``randomized``: Halko et al. range finder: Y = H X with X = Ω (fixed-seed Gaussian D×l, l = min(D, r+p)),
+   then ``power_iters`` times X ← orth(HᵀY), Y = H X (QR of D×l only); Rayleigh-Ritz through B = QᵀH with
+   Q = orth(Y) never formed: B = C0ᵀ(HᵀY)ᵀ, C0 = E Θ^{-1/2} from YᵀY = EΘEᵀ (float64; numerically null
+   directions of Y dropped), then eigh(B Bᵀ).  2q+2 passes over H, O(N·D·l·(2q+2)); under sequence
+   parallelism only HᵀY (D×l), YᵀY (l×l), row sums and counts are all-reduced.
+2. Singular values.  For ``gram`` the top-r values are refined as ‖H v_i‖ (avoids the √eps floor of the
+   squared spectrum, so dead components of a rank-deficient H are recognised reliably in float32).
+3. Dead components: σ_i ≤ tol·σ_1, σ_1 = 0 (H = 0 or no valid rows), or i ≥ min(n_valid, D).  Their rows of z
+   are exactly zero.  Sign: z_i·(Σ_j h_j) ≥ 0.  Scale ``sqrt_n``: z / √max(n_valid, 1).
+4. Backward (custom autograd): with U_r = H V_r Σ_r⁻¹, Y = Z̄ V_l, F_ij = 1/(σ_i² − σ_j²) made safe as
+   d/(d² + ε) (ε = (1e-6·σ_1²)², zero on the diagonal, for dead i and for equal values),
+   Ã = Y∘F, A = Ã·diag(σ_l):
+
+       H̄ = U_r (Z̄ + A Σ_l V_lᵀ) + H (V_l Ãᵀ) Σ_r V_rᵀ
+
+   which is the exact SVD derivative of Z when every singular value outside the l computed ones is zero
+   (``exact`` and ``gram`` use the full basis, l = min(N, D) resp. D, so it is exact for every H with a gap;
+   ``randomized`` is exact for rank(H) ≤ l).  No D×D eigh backward, no N·D² product: O(N·D·r).
+   ``basis_grad="detach"``: H̄ = U_r Z̄ (U_r constant, gradient through Z = U_rᵀH only).
+
+Sequence parallelism (``sp_group``): rows of H are contiguous per-rank chunks of each user's sequence; only
+N-independent sums are all-reduced (see :mod:`solar_dist.ops.collectives`); gradients are all-reduced in
+backward, so outputs and gradients match the single-process op.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from .collectives import _raw_all_reduce, all_reduce_sum_nograd
+
+__all__ = [
+    "Interests",
+    "compact_interests",
+    "compact_interests_ex",
+    "default_tol",
+    "METHODS",
+    "SCALES",
+    "BASIS_GRADS",
+]
+
+METHODS = ("exact", "gram", "randomized")
+SCALES = ("sqrt_n", "none")
+BASIS_GRADS = ("full", "detach")
+
+#: relative size of the regulariser of the 1/(σ_i²−σ_j²) gap terms: ε = (GAP_EPS·σ_1²)²
+GAP_EPS = 1e-6
+#: seed of the randomized range finder's test matrix Ω (identical on every rank)
+OMEGA_SEED = 0x5EED
+
+
+class Interests(NamedTuple):
+    """Result of :func:`compact_interests_ex`.
+
+    z:     (B, r, D) interests (signed, scaled); dead rows exactly zero.
+    alive: (B, r) bool, False for dead components.
+    mass:  (B, r) m_i = (1ᵀu_i)²/n_valid ∈ [0, 1], 0 for dead components (differentiable).
+    sigma: (B, r) singular values of the valid rows of H (unscaled, no gradient), 0 for dead components.
+    """
+
+    z: torch.Tensor
+    alive: torch.Tensor
+    mass: torch.Tensor
+    sigma: torch.Tensor
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Default relative threshold for dead components: 1e-4 in float32/16 (about 1000·eps, above the
+    numerical noise of the null singular values of a rank-deficient H), 1e-10 in float64."""
+    return 1e-10 if dtype == torch.float64 else 1e-4
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _validate(h, mask, rank, method, scale, basis_grad, tol, oversample, power_iters, sp_group):
+    if not isinstance(h, torch.Tensor) or h.dim() != 3:
+        raise ValueError(f"h must be a 3-d tensor (B, N, D), got {getattr(h, 'shape', type(h))}")
+    if not h.is_floating_point():
+        raise ValueError(f"h must be a floating-point tensor, got dtype {h.dtype}")
+    B, N, D = h.shape
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, N):
+        raise ValueError(f"mask must be a bool tensor of shape (B, N) = {(B, N)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not (1 <= rank <= D):
+        raise ValueError(f"rank must be an int with 1 <= rank <= D (= {D}), got {rank!r}")
+    _check_choice("method", method, METHODS)
+    _check_choice("scale", scale, SCALES)
+    _check_choice("basis_grad", basis_grad, BASIS_GRADS)
+    if tol is not None and (not isinstance(tol, (int, float)) or not (0.0 <= float(tol) < 1.0)
+                            or math.isnan(float(tol))):
+        raise ValueError(f"tol must be a float in [0, 1) or None, got {tol!r}")
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
+    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
+        raise ValueError(f"power_iters must be an int >= 0, got {power_iters!r}")
+    if sp_group is not None and method == "exact":
+        raise ValueError("method must be one of ['gram', 'randomized'] when sp_group is given "
+                         "('exact' needs all rows on one rank), got 'exact'")
+
+
+_OMEGA_CACHE: dict = {}
+
+
+def _omega(D: int, ell: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Gaussian test matrix Ω (D×l) from a fixed-seed generator: identical on every rank and every call."""
+    key = (D, ell, dtype, str(device))
+    om = _OMEGA_CACHE.get(key)
+    if om is None:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(OMEGA_SEED)
+        om = torch.randn(D, ell, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        _OMEGA_CACHE[key] = om
+    return om
+
+
+class _single_thread:
+    """Run small LAPACK calls (eigh / qr of D×D or l×l matrices) on one thread: multi-threaded MKL LAPACK on
+    tiny matrices is slower, and on a loaded machine pathologically so (measured: eigh of 4×128×128 took 3.6 s
+    with 2 threads, 8 ms with 1)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        if self.n != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.n != 1:
+            torch.set_num_threads(self.n)
+        return False
+
+
+def _eigh_desc(a: torch.Tensor):
+    if a.device.type == "cpu":
+        with _single_thread():
+            lam, vec = torch.linalg.eigh(a)
+    else:
+        lam, vec = torch.linalg.eigh(a)
+    return lam.flip(-1), vec.flip(-1)
+
+
+def _orth(m: torch.Tensor) -> torch.Tensor:
+    if m.device.type == "cpu":
+        with _single_thread():
+            return torch.linalg.qr(m).Q
+    return torch.linalg.qr(m).Q
+
+
+class _InterestsCore(torch.autograd.Function):
+    """(h, mask) -> z_raw (B,r,D) = σ_i v_iᵀ (unsigned, unscaled, dead rows 0), sigma (B,r), alive (B,r),
+    s (B,D) = Σ_valid h_j, n (B,) valid counts — all totals over the sp group.
+
+    Masking, row sums and counts live inside the Function so that the backward writes dL/dh in one batched
+    product (no separate passes over the (B,N,D) tensor for the mask and the row sums)."""
+
+    @staticmethod
+    def forward(ctx, h, mask, rank, method, tol, oversample, power_iters, full_grad, group):
+        B, N, D = h.shape
+        dt = h.dtype
+        r = rank
+        f64 = torch.float64
+        all_valid = bool(mask.all())
+        hm = h if all_valid else torch.where(mask[..., None], h, torch.zeros((), dtype=dt, device=h.device))
+        n_local = mask.sum(1, keepdim=True).to(dt)
+        s_local = None
+        if method == "exact":
+            H64 = hm.to(f64)
+            _, S, Vh = torch.linalg.svd(H64, full_matrices=False)       # S (B,k), k = min(N, D)
+            V_l = Vh.mT                                                  # (B,D,k)
+            sig_l = S
+            k = S.shape[-1]
+            if k < r:                                                    # pad: components beyond min(N,D)
+                sig_l = torch.cat([sig_l, sig_l.new_zeros(B, r - k)], -1)
+                V_l = torch.cat([V_l, V_l.new_zeros(B, D, r - k)], -1)
+            sigma_r = sig_l[:, :r]
+            V_r = V_l[..., :r]
+            U_r = None
+            s_local = hm.sum(1)
+            packed = all_reduce_sum_nograd(torch.cat([s_local, n_local], -1), group)
+        elif method == "gram":
+            G = hm.mT @ hm                                               # (B,D,D)
+            s_local = hm.sum(1)
+            packed = all_reduce_sum_nograd(torch.cat([s_local, n_local], -1), group)
+            G = all_reduce_sum_nograd(G, group)
+            lam, V_l = _eigh_desc(G.to(f64))
+            sig_l = lam.clamp_min(0).sqrt()
+            V_r = V_l[..., :r]
+            P = hm @ V_r.to(dt)                                          # (B,N,r)
+            sq = all_reduce_sum_nograd(P.to(f64).square().sum(1), group)  # ‖H v_i‖²
+            sigma_r = sq.sqrt()
+            sig_l = torch.cat([sigma_r, sig_l[:, r:]], -1)
+            U_r = P
+        else:  # randomized: Halko et al. range finder, Rayleigh-Ritz through B = QᵀH without forming Q
+            ell = min(D, r + oversample)
+            X = _omega(D, ell, dt, h.device)
+            # (fusing the row sums into the first product as Hᵀ[Y, 1] was measured slower: odd GEMM width)
+            s_local = hm.sum(1)
+            packed = all_reduce_sum_nograd(torch.cat([s_local, n_local], -1), group)
+            for it in range(power_iters + 1):
+                Y = hm @ X                                               # (B,N,l) = H X
+                M = all_reduce_sum_nograd(hm.mT @ Y, group)              # (B,D,l) = Hᵀ Y
+                if it < power_iters:
+                    X = _orth(M)
+            # Q = Y R⁻¹ (orthonormal basis of span Y) is never formed: with YᵀY = E Θ Eᵀ (float64, exact for the
+            # stored Y), C0 = E_k Θ_k^{-1/2} over the numerically non-null directions, B = QᵀH = C0ᵀ Mᵀ (k×D).
+            Y64 = Y.to(f64)
+            TY = all_reduce_sum_nograd(Y64.mT @ Y64, group)              # (B,l,l)
+            theta, E = _eigh_desc(TY)
+            floor = (1e-5 if dt != f64 else 1e-13) ** 2
+            keep = theta > floor * theta[:, :1].clamp_min(0)
+            C0 = E * torch.where(keep, theta.clamp_min(torch.finfo(f64).tiny).rsqrt(),
+                                 torch.zeros_like(theta))[:, None, :]    # (B,l,l), zero columns where dropped
+            Bm = C0.mT @ M.to(f64).mT                                    # (B,l,D) = QᵀH
+            lam, Ut = _eigh_desc(Bm @ Bm.mT)                             # B Bᵀ = Ũ Σ² Ũᵀ
+            sig_l = lam.clamp_min(0).sqrt()
+            ok = sig_l > (tol * sig_l[:, :1])
+            inv_l = torch.where(ok, 1.0 / torch.where(ok, sig_l, torch.ones_like(sig_l)), torch.zeros_like(sig_l))
+            V_l = (Bm.mT @ Ut) * inv_l[:, None, :]                       # (B,D,l); 0 for negligible components
+            sig_l = torch.where(ok, sig_l, torch.zeros_like(sig_l))
+            V_r = V_l[..., :r]
+            sigma_r = torch.cat([sig_l, sig_l.new_zeros(B, max(0, r - ell))], -1)[:, :r]
+            U_r = Y @ (C0 @ Ut[..., :r]).to(dt) * sigma_r.to(dt)[:, None, :]  # (B,N,r) = H V_r (unnormalised)
+        s = packed[:, :D]
+        n_valid = packed[:, D]
+        s1 = sigma_r[:, :1]
+        idx = torch.arange(r, device=h.device)
+        limit = n_valid.to(f64).clamp_max(D)
+        alive = (sigma_r > tol * s1) & (s1 > 0) & (idx[None, :] < limit[:, None]) & torch.isfinite(sigma_r)
+        sig_alive = torch.where(alive, sigma_r, torch.zeros_like(sigma_r))
+        z_raw = (sig_alive[..., None] * V_r.mT)                          # (B,r,D) float64
+        z_raw = torch.where(alive[..., None], z_raw, torch.zeros_like(z_raw)).to(dt)
+        if U_r is None:
+            U_r = hm @ V_r.to(dt)
+        inv = torch.where(alive, 1.0 / torch.where(alive, sigma_r, torch.ones_like(sigma_r)),
+                          torch.zeros_like(sigma_r))
+        U_r = U_r * inv.to(dt)[:, None, :]                               # (B,N,r), 0 for dead and padded rows
+        ctx.full_grad = full_grad
+        ctx.group = group
+        ctx.rank = r
+        sig_l = sig_l.clone()
+        sig_l[:, :r] = sig_alive
+        ctx.save_for_backward(hm, mask, U_r, V_l, sig_l, alive, z_raw)
+        ctx.mark_non_differentiable(alive, n_valid)
+        return z_raw, sig_alive.to(dt), alive, s, n_valid
+
+    @staticmethod
+    def backward(ctx, gz, gsig, galive, gs, gn):
+        hm, mask, U_r, V_l, sig_l, alive, z_raw = ctx.saved_tensors
+        dt = hm.dtype
+        B, N, D = hm.shape
+        r = ctx.rank
+        gz = torch.zeros_like(z_raw) if gz is None else gz
+        gs = hm.new_zeros(B, D) if gs is None else gs
+        if ctx.group is not None:
+            # Z and s are replicated on every rank and each rank's loss uses them: dL/dZ = Σ_p dL_p/dZ
+            flat = _raw_all_reduce(torch.cat([gz.reshape(B, r * D), gs], -1).detach().clone(), ctx.group,
+                                   backward=True)
+            gz, gs = flat[:, :r * D].reshape(B, r, D), flat[:, r * D:]
+        zb = torch.where(alive[..., None], gz, torch.zeros_like(gz))
+        # row-sum gradient s̄ on the valid rows, as one more column of the final product (only when non-zero,
+        # i.e. when the mass is used: keeps the GEMM width at r resp. 2r otherwise)
+        with_s = bool(gs.ne(0).any())
+        J_s = [mask[..., None].to(dt)] if with_s else []
+        C_s = [gs[:, None, :].to(dt)] if with_s else []
+        if not ctx.full_grad:
+            J = torch.cat([U_r] + J_s, -1)
+            C = torch.cat([zb.to(dt)] + C_s, 1)
+            return J @ C, None, None, None, None, None, None, None, None
+        f64 = torch.float64
+        zb64 = zb.to(f64)
+        lam = sig_l.square()                                             # (B,l)
+        Y = zb64 @ V_l                                                   # (B,r,l)
+        d = lam[:, :r, None] - lam[:, None, :]                           # (B,r,l)
+        eps = (GAP_EPS * lam[:, :1, None]).square() + torch.finfo(f64).tiny
+        F = d / (d.square() + eps)
+        ell = lam.shape[-1]
+        eye = torch.eye(r, ell, dtype=torch.bool, device=F.device)
+        F = F.masked_fill(eye, 0.0)
+        F = torch.where(alive[..., None], F, torch.zeros_like(F))
+        At = Y * F                                                       # Ã (B,r,l)
+        A = At * sig_l[:, None, :]
+        Z_l = sig_l[..., None] * V_l.mT                                  # (B,l,D)
+        C1 = zb64 + A @ Z_l                                              # (B,r,D)
+        Mv = V_l @ At.mT                                                 # (B,D,r)
+        Hm = hm @ Mv.to(dt)                                              # (B,N,r)
+        J = torch.cat([U_r, Hm] + J_s, -1)                               # (B,N,2r(+1))
+        C = torch.cat([C1.to(dt), z_raw] + C_s, 1)                       # (B,2r(+1),D)
+        return J @ C, None, None, None, None, None, None, None, None
+
+
+def compact_interests_ex(h: torch.Tensor, mask: torch.Tensor, rank: int, method: str = "exact",
+                         scale: str = "sqrt_n", *, basis_grad: str = "full", tol: Optional[float] = None,
+                         oversample: int = 8, power_iters: int = 2, sp_group=None) -> Interests:
+    """Compact interests with mass and singular values.  See :func:`compact_interests` for the arguments."""
+    _validate(h, mask, rank, method, scale, basis_grad, tol, oversample, power_iters, sp_group)
+    if h.dtype in (torch.float16, torch.bfloat16):
+        # half precision: factorise in float32 (the op is O(N·D·r); the cast is one pass), return h's dtype
+        out = compact_interests_ex(h.float(), mask, rank, method, scale, basis_grad=basis_grad, tol=tol,
+                                   oversample=oversample, power_iters=power_iters, sp_group=sp_group)
+        return Interests(out.z.to(h.dtype), out.alive, out.mass.to(h.dtype), out.sigma.to(h.dtype))
+    tol_v = default_tol(h.dtype) if tol is None else float(tol)
+    z_raw, sigma, alive, s, n_valid = _InterestsCore.apply(h, mask, rank, method, tol_v, oversample,
+                                                           power_iters, basis_grad == "full", sp_group)
+    # sign convention z_i · Σ_j h_j >= 0 (piecewise constant: no gradient)
+    proj = (z_raw * s[:, None, :]).sum(-1)                               # (B,r) = σ_i v_i·s
+    sign = torch.where(proj.detach() < 0, -1.0, 1.0).to(h.dtype)
+    n_safe = n_valid.clamp_min(1.0)
+    # mass m_i = (1ᵀu_i)²/n, 1ᵀu_i = s·v_i/σ_i = (s·z_raw_i)/σ_i²
+    lam = (z_raw * z_raw).sum(-1)
+    lam_safe = torch.where(alive, lam, torch.ones_like(lam))
+    ones_u = proj / lam_safe
+    mass = torch.where(alive, (ones_u.square() / n_safe[:, None]).clamp(0.0, 1.0), torch.zeros_like(lam))
+    if scale == "sqrt_n":
+        c = n_safe.rsqrt().to(h.dtype)[:, None, None]
+    else:
+        c = torch.ones((), dtype=h.dtype, device=h.device)
+    z = z_raw * (sign[..., None] * c)
+    return Interests(z, alive, mass, sigma.detach())
+
+
+def compact_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, method: str = "exact",
+                      scale: str = "sqrt_n", *, basis_grad: str = "full", tol: Optional[float] = None,
+                      oversample: int = 8, power_iters: int = 2, sp_group=None):
+    """The r compact interests of each user's valid behaviour rows.
+
+    Args:
+        h: (B, N, D) float behaviour representations; rows where ``mask`` is False are ignored (may hold
+            garbage, even NaN).
+        mask: (B, N) bool, True = valid row.  Users may have any number of valid rows (0 included).
+        rank: r, 1 <= r <= D.
+        method: "exact" (torch.linalg.svd, reference), "gram" (eigh of HᵀH), "randomized" (range finder
+            with ``oversample`` extra columns and ``power_iters`` power iterations).
+        scale: "sqrt_n" (divide by √n_valid) or "none".
+        basis_grad: "full" (backprop through the basis, gap terms bounded) or "detach" (U_r constant).
+        tol: relative threshold for dead components (σ_i <= tol·σ_1); None = :func:`default_tol` of h's dtype.
+        sp_group: torch.distributed group for sequence parallelism (rows of h = this rank's chunk).
+
+    Returns:
+        z: (B, r, D) interests Z = U_rᵀH = Σ_r V_rᵀ (row i = σ_i v_iᵀ, signed so z_i·Σ_j h_j >= 0, scaled);
+            dead rows exactly zero.
+        alive: (B, r) bool, False for dead components.
+    """
+    out = compact_interests_ex(h, mask, rank, method, scale, basis_grad=basis_grad, tol=tol,
+                               oversample=oversample, power_iters=power_iters, sp_group=sp_group)
+    return out.z, out.alive

@@ -1,0 +1,442 @@
+"""Next-item (sequential recommendation) training and evaluation on leave-one-out data (data/convert.py).
+
+Training (`data.task=next_item`): one sample per (user, cut point c) with the prefix e_1..e_c as history and
+e_{c+1} as the target, c in 1..num_train-1 (the training sequence excludes the validation and test targets).
+`next_item.cut_points_per_user` > 0 draws that many distinct cut points per user per epoch (all prefixes
+together are O(N^2) events). The candidates are the target plus `train_negatives` sampled items (uniform
+over the catalogue or proportional to training popularity; the target itself is excluded, other history
+items are not), or the whole catalogue when `train_negatives=0`. The loss is the trainer's: configure
+`loss.listwise_weight` (softmax cross-entropy over the candidate set, the next-item loss) and/or BCE.
+
+Causality (svd_attention.md §7): a sample's history is exactly the prefix before its target, so the interests
+and the recent window are computed from events strictly before the target; tests/train/test_next_item.py
+checks that no target ever reaches its own history.
+
+Evaluation, both published protocols, on the split's rows (validation: history e_1..e_{n-2}, target
+e_{n-1}; test: history e_1..e_{n-1}, target e_n):
+  sampled100  the candidates stored by the converter: the target + 100 items the user never interacted with
+              (uniform, seeded) -> HR@10, NDCG@10 (and MRR over the 101).
+  full        the target ranked among every item 1..num_items-1, excluding the items of the row's history
+              (other than the target itself), as is standard -> HR@10, NDCG@10, MRR. Items are scored in
+              chunks of at most `next_item.eval_chunk_pairs` (user, item) pairs per forward call.
+Ties count against the target (rank = number of other candidates scoring >= the target), so a constant
+model scores zero rather than being lucky.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from ..config import SolarConfig
+from ..data.batch import Batch, collate
+from ..data.loader import BatchPlan, LoaderState, _prefetch, eval_loader
+from ..data.schema import DatasetMeta, dataset_exists, read_split
+from ..model.jagged import segment_ids
+from .trainer import Trainer
+
+SEQUENCES = "sequences.parquet"
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def rank_metrics(ranks: np.ndarray | torch.Tensor, k: int = 10) -> Dict[str, float]:
+    """0-based ranks of the single relevant item per query -> HR@k, NDCG@k, MRR (untruncated) averages."""
+    r = torch.as_tensor(ranks, dtype=torch.float64)
+    if r.numel() == 0:
+        return {f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan"), "mrr": float("nan"), "count": 0.0}
+    hit = r < k
+    return {f"hr@{k}": float(hit.double().mean()),
+            f"ndcg@{k}": float((hit.double() / torch.log2(r + 2.0)).mean()),
+            "mrr": float((1.0 / (r + 1.0)).mean()), "count": float(r.numel())}
+
+
+def metric_sums(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """(hit sum, ndcg sum, rr sum, count) for summing over batches and ranks."""
+    r = ranks.double()
+    hit = (r < k).double()
+    return torch.stack([hit.sum(), (hit / torch.log2(r + 2.0)).sum(), (1.0 / (r + 1.0)).sum(),
+                        torch.tensor(float(r.numel()), dtype=torch.float64)])
+
+
+def sums_to_metrics(s: Sequence[float], k: int) -> Dict[str, float]:
+    n = max(s[3], 1.0)
+    return {f"hr@{k}": s[0] / n, f"ndcg@{k}": s[1] / n, "mrr": s[2] / n, "count": s[3]}
+
+
+def jagged_target_ranks(logits: torch.Tensor, labels: torch.Tensor, cand_lengths: torch.Tensor) -> torch.Tensor:
+    """Per request: number of other candidates whose logit is >= the positive's (ties count against it).
+    Every request must hold exactly one positive label."""
+    seg = segment_ids(cand_lengths)
+    B = cand_lengths.numel()
+    pos = labels > 0.5
+    npos = torch.zeros(B, dtype=torch.long).index_add(0, seg, pos.long())
+    if not bool((npos == 1).all()):
+        bad = int(torch.nonzero(npos != 1)[0])
+        raise ValueError(f"request {bad} of the batch has {int(npos[bad])} positive labels; next-item "
+                         f"evaluation needs exactly one")
+    target = torch.zeros(B, dtype=logits.dtype).index_add(0, seg, torch.where(pos, logits, torch.zeros_like(logits)))
+    ge = (logits >= target[seg]) & ~pos
+    return torch.zeros(B, dtype=torch.long).index_add(0, seg, ge.long())
+
+
+def dense_target_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """scores (B, I); target (B,) column of the relevant item; exclude (B, I) bool (items not ranked; the
+    target column is never excluded). Returns the number of ranked non-target items scoring >= the target."""
+    B = scores.shape[0]
+    rows = torch.arange(B)
+    t = scores[rows, target]
+    keep = ~exclude
+    keep[rows, target] = False  # the target is not counted against itself
+    return ((scores >= t[:, None]) & keep).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------- sequences
+@dataclass
+class Sequences:
+    """Every user's full chronological sequence (from the converter's sequences.parquet)."""
+
+    user_ids: np.ndarray  # (U,)
+    offsets: np.ndarray  # (U+1,)
+    items: np.ndarray  # flat
+    num_train: np.ndarray  # (U,) length of the training prefix
+    ts: Optional[np.ndarray] = None
+    action: Optional[np.ndarray] = None
+
+    @staticmethod
+    def load(root: str | Path) -> "Sequences":
+        path = Path(root) / SEQUENCES
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: next-item training needs a data set written by "
+                                    f"`solar data convert` (it stores every user's full sequence)")
+        t = pq.read_table(path)
+
+        def flat(name: str):
+            col = t.column(name).combine_chunks()
+            off = col.offsets.to_numpy()
+            return col.values.to_numpy(zero_copy_only=False)[off[0]: off[-1]].astype(np.int64), off - off[0]
+
+        items, offsets = flat("item_ids")
+        ts = flat("ts")[0] if "ts" in t.column_names else None
+        action = flat("action")[0] if "action" in t.column_names else None
+        return Sequences(t.column("user_id").to_numpy().astype(np.int64), offsets.astype(np.int64), items,
+                         t.column("num_train").to_numpy().astype(np.int64), ts, action)
+
+    def train_item_counts(self, num_items: int) -> np.ndarray:
+        """How often each item occurs in the training prefixes (popularity; validation/test targets excluded)."""
+        idx = np.concatenate([np.arange(o, o + m) for o, m in zip(self.offsets[:-1], self.num_train)]) \
+            if len(self.num_train) else np.zeros(0, np.int64)
+        return np.bincount(self.items[idx], minlength=num_items).astype(np.float64)
+
+    def cut_points(self, per_user: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(user index, cut c) pairs: history = sequence[:c], target = sequence[c], 1 <= c < num_train."""
+        us, cs = [], []
+        for j, m in enumerate(self.num_train):
+            n_cuts = int(m) - 1
+            if n_cuts <= 0:
+                continue
+            if per_user and n_cuts > per_user:
+                c = np.sort(rng.choice(n_cuts, size=per_user, replace=False)) + 1
+            else:
+                c = np.arange(1, n_cuts + 1)
+            us.append(np.full(len(c), j, dtype=np.int64))
+            cs.append(c.astype(np.int64))
+        if not us:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(us), np.concatenate(cs)
+
+
+class NegativeSampler:
+    """Items in [1, num_items) drawn uniformly or by training popularity; never the row's own target."""
+
+    def __init__(self, num_items: int, kind: str = "uniform", counts: Optional[np.ndarray] = None) -> None:
+        if num_items < 3:
+            raise ValueError(f"num_items={num_items}: need at least two real items to sample negatives")
+        self.num_items, self.kind = num_items, kind
+        if kind == "popularity":
+            if counts is None:
+                raise ValueError("popularity sampling needs item counts")
+            p = np.asarray(counts, dtype=np.float64).copy()
+            p[0] = 0.0
+            if p.sum() <= 0:
+                raise ValueError("popularity sampling: every item count is zero")
+            self.cdf = np.cumsum(p) / p.sum()
+        elif kind != "uniform":
+            raise ValueError(f"negative_sampler={kind!r}; choose uniform or popularity")
+
+    def _draw(self, shape, rng: np.random.Generator) -> np.ndarray:
+        if self.kind == "uniform":
+            return rng.integers(1, self.num_items, size=shape)
+        return np.minimum(np.searchsorted(self.cdf, rng.random(size=shape), side="right"), self.num_items - 1)
+
+    def sample(self, targets: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        """(B, n) negatives; entries equal to the row's target are redrawn until none is left."""
+        out = self._draw((len(targets), n), rng)
+        bad = out == targets[:, None]
+        for _ in range(1000):
+            if not bad.any():
+                return out
+            out[bad] = self._draw(int(bad.sum()), rng)
+            bad = out == targets[:, None]
+        raise RuntimeError("could not draw negatives different from the targets (catalogue too small?)")
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int64)))
+
+
+class NextItemLoader:
+    """Training batches of (prefix history, target + negatives) samples, deterministic in (seed, epoch, step):
+    the same interface as ArrowLoader (epoch(), len(), state_dict(), plan), so Trainer.fit drives it."""
+
+    def __init__(self, seqs: Sequences, meta: DatasetMeta, cfg: SolarConfig, dp_rank: int = 0, dp_size: int = 1
+                 ) -> None:
+        self.seqs, self.meta, self.cfg = seqs, meta, cfg
+        self.ni, self.d = cfg.next_item, cfg.data
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed = cfg.train.seed
+        self.max_hist_len = self.d.max_hist_len
+        self.use_actions = cfg.embedding.use_actions and seqs.action is not None
+        counts = seqs.train_item_counts(meta.num_items)
+        self.sampler = NegativeSampler(meta.num_items, self.ni.negative_sampler, counts)
+        self.state = LoaderState()
+        self._epoch_cache: Optional[tuple[int, np.ndarray, np.ndarray, BatchPlan]] = None
+        self.plan = self._epoch_samples(0)[2]
+
+    def _epoch_samples(self, epoch: int) -> tuple[np.ndarray, np.ndarray, BatchPlan]:
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1:]  # type: ignore[return-value]
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        users, cuts = self.seqs.cut_points(self.ni.cut_points_per_user, rng)
+        lengths = np.minimum(cuts, self.max_hist_len) if self.max_hist_len else cuts
+        plan = BatchPlan(lengths, self.d.batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                         shuffle=self.d.shuffle, seed=self.seed, bucket_batches=self.d.bucket_batches)
+        self._epoch_cache = (epoch, users, cuts, plan)
+        return users, cuts, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = LoaderState(epoch=int(state["epoch"]), step=int(state["step"]))
+
+    def make_batch(self, users: np.ndarray, cuts: np.ndarray, rng: np.random.Generator) -> Batch:
+        s = self.seqs
+        start = s.offsets[users]
+        lo = start + (np.maximum(cuts - self.max_hist_len, 0) if self.max_hist_len else 0)
+        hi = start + cuts
+        idx = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+        hist_len = hi - lo
+        targets = s.items[hi]
+        n = self.ni.train_negatives
+        if n > 0:
+            cands = np.concatenate([targets[:, None], self.sampler.sample(targets, n, rng)], axis=1)
+            labels = np.zeros(cands.shape, dtype=np.float32)
+            labels[:, 0] = 1.0
+        else:  # the whole catalogue (ids 1..num_items-1)
+            cat = np.arange(1, self.meta.num_items)
+            cands = np.broadcast_to(cat, (len(users), len(cat)))
+            labels = (cands == targets[:, None]).astype(np.float32)
+        cl = np.full(len(users), cands.shape[1])
+        cols = {"user_id": pa.array(s.user_ids[users]), "hist_item_ids": _list_array(s.items[idx], hist_len),
+                "cand_item_ids": _list_array(cands.reshape(-1), cl),
+                "labels": pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(cl)].astype(np.int32)),
+                                                   pa.array(labels.reshape(-1), type=pa.float32()))}
+        if s.ts is not None:
+            cols["hist_ts"] = _list_array(s.ts[idx], hist_len)
+        if self.use_actions:
+            cols["hist_action"] = _list_array(s.action[idx], hist_len)
+        return collate(pa.table(cols))
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        users, cuts, plan = self._epoch_samples(epoch)
+        self.plan = plan
+        start = self.state.step if epoch == self.state.epoch else 0
+        self.state = LoaderState(epoch=epoch, step=start)
+        batches = plan.global_batches(epoch)
+
+        def gen():
+            for step in range(start, len(batches)):
+                rows = plan.rank_slice(batches[step])
+                rng = np.random.default_rng([self.seed, epoch, step, self.dp_rank, 2])
+                yield self.make_batch(users[rows], cuts[rows], rng)
+
+        for batch in _prefetch(gen(), self.d.prefetch_batches):
+            self.state.step += 1
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def _subset(table: pa.Table, max_users: int, seed: int = 0) -> pa.Table:
+    if not max_users or table.num_rows <= max_users:
+        return table
+    rows = np.sort(np.random.default_rng([seed, 99]).choice(table.num_rows, size=max_users, replace=False))
+    return table.take(pa.array(rows))
+
+
+class NextItemTrainer(Trainer):
+    """Trainer with next-item samples and retrieval evaluation; reuses the DMP, the DeepSpeed engine,
+    train_step, forward, checkpoints and fit() of Trainer unchanged."""
+
+    def __init__(self, cfg: SolarConfig, layout=None) -> None:
+        if cfg.data.task != "next_item":
+            raise ValueError(f"NextItemTrainer needs data.task=next_item (got {cfg.data.task!r})")
+        path = Path(cfg.data.path)
+        if not dataset_exists(path) or not (path / SEQUENCES).is_file():
+            raise FileNotFoundError(
+                f"data.path={str(path)!r} holds no converted next-item data set (meta.json, {SEQUENCES}, "
+                f"train/valid/test); create it with `solar data convert FORMAT INPUT {path}`")
+        super().__init__(cfg, layout)
+        self.seqs = Sequences.load(path)
+        self.loader = NextItemLoader(self.seqs, self.meta, cfg, self.layout.dp_rank, self.layout.dp)
+        if cfg.model.set_layer and "full" in cfg.next_item.eval_protocols:
+            raise ValueError("next_item.eval_protocols has 'full' but model.set_layer=true makes a candidate's "
+                             "score depend on the other candidates; full-catalogue ranking needs set_layer=false")
+        self._tables: Dict[str, pa.Table] = {}
+
+    def split_table(self, split: str) -> pa.Table:
+        if split == self.cfg.eval.split:
+            return self.eval_table
+        if split not in self._tables:
+            self._tables[split] = read_split(self.cfg.data.path, split, self.meta)
+        return self._tables[split]
+
+    # ------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, table: Optional[pa.Table] = None, max_batches: Optional[int] = None, *,
+                 split: Optional[str] = None, protocols: Optional[Sequence[str]] = None,
+                 max_users: Optional[int] = None) -> Dict[str, float]:
+        """Metrics `<protocol>_hr@k`, `<protocol>_ndcg@k`, `<protocol>_mrr` for each protocol. Default: the
+        configured eval split, limited to `next_item.eval_max_users` users (the per-epoch validation)."""
+        ni = self.cfg.next_item
+        if table is None:
+            table = self.split_table(split) if split else self.eval_table
+            table = _subset(table, ni.eval_max_users if max_users is None else max_users)
+        elif max_users:
+            table = _subset(table, max_users)
+        self.engine.eval()
+        self.dmp.eval()
+        out: Dict[str, float] = {}
+        for proto in (protocols or ni.eval_protocols):
+            t0 = time.time()
+            if proto == "sampled100":
+                sums = self._eval_sampled(table, max_batches)
+            elif proto == "full":
+                sums = self._eval_full(_subset(table, ni.full_max_users), max_batches)
+            else:
+                raise ValueError(f"unknown protocol {proto!r}")
+            m = sums_to_metrics(self._global(*sums), ni.topk)
+            out.update({f"{proto}_{k}": v for k, v in m.items()})
+            out[f"{proto}_seconds"] = time.time() - t0
+        return out
+
+    def _eval_sampled(self, table: pa.Table, max_batches: Optional[int]) -> torch.Tensor:
+        cfg, L, ni = self.cfg, self.layout, self.cfg.next_item
+        ncand = pc.list_value_length(table.column("cand_item_ids")).to_numpy(zero_copy_only=False)
+        if len(ncand) and int(ncand.max()) != ni.eval_negatives + 1:
+            raise ValueError(f"the split's rows hold up to {int(ncand.max())} candidates but next_item.eval_negatives="
+                             f"{ni.eval_negatives}; re-run `solar data convert ... --eval-negatives "
+                             f"{ni.eval_negatives}` or set next_item.eval_negatives={int(ncand.max()) - 1}")
+        sums = torch.zeros(4, dtype=torch.float64)
+        loader = eval_loader(table, cfg.data.eval_batch_size, L.dp_rank, L.dp, cfg.data.max_hist_len, 0)
+        for i, batch in enumerate(loader.epoch(0)):
+            if max_batches and i >= max_batches:
+                break
+            logits = self.forward(batch.to(L.device)).cpu()
+            sums += metric_sums(jagged_target_ranks(logits, batch.labels, batch.cand_lengths), ni.topk)
+        return sums
+
+    def _eval_full(self, table: pa.Table, max_batches: Optional[int]) -> torch.Tensor:
+        cfg, L, ni = self.cfg, self.layout, self.cfg.next_item
+        I = self.meta.num_items
+        bu = max(1, min(cfg.data.eval_batch_size, ni.eval_chunk_pairs))
+        chunk = max(1, ni.eval_chunk_pairs // bu)
+        sums = torch.zeros(4, dtype=torch.float64)
+        # this rank's rows (same split as eval_loader), in length-sorted order to cut padding
+        plan = BatchPlan(pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False), bu,
+                         dp_rank=L.dp_rank, dp_size=L.dp, shuffle=False, drop_last=False, bucket_batches=8)
+        for i, rows in enumerate(plan.rank_slice(b) for b in plan.global_batches(0)):
+            if max_batches and i >= max_batches:
+                break
+            if len(rows) == 0:
+                continue
+            sub = table.take(pa.array(rows))
+            B = sub.num_rows
+            cands = sub.column("cand_item_ids").to_pylist()
+            labels = sub.column("labels").to_pylist()
+            target = torch.tensor([c[int(np.argmax(lab))] for c, lab in zip(cands, labels)])
+            scores = torch.full((B, I), float("-inf"))
+            base = sub.drop_columns(["cand_item_ids", "labels"])
+            for lo in range(1, I, chunk):
+                hi = min(I, lo + chunk)
+                ids = np.arange(lo, hi, dtype=np.int64)
+                n = hi - lo
+                cl = np.full(B, n)
+                t = base.append_column("cand_item_ids", _list_array(np.tile(ids, B), cl)).append_column(
+                    "labels", pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(cl)].astype(np.int32)),
+                                                       pa.array(np.zeros(B * n, np.float32))))
+                batch = collate(t, max_hist_len=cfg.data.max_hist_len)
+                scores[:, lo:hi] = self.forward(batch.to(L.device)).float().cpu().view(B, n)
+            exclude = torch.zeros(B, I, dtype=torch.bool)
+            exclude[:, 0] = True  # padding id
+            hist = sub.column("hist_item_ids").combine_chunks()
+            hl = np.diff(hist.offsets.to_numpy())
+            hv = hist.values.to_numpy(zero_copy_only=False)[hist.offsets.to_numpy()[0]: hist.offsets.to_numpy()[-1]]
+            exclude[torch.from_numpy(np.repeat(np.arange(B), hl)), torch.from_numpy(hv.astype(np.int64))] = True
+            sums += metric_sums(dense_target_ranks(scores, target, exclude), ni.topk)
+        return sums
+
+
+def popularity_metrics(root: str | Path, split: str = "test", protocols: Sequence[str] = ("sampled100", "full"),
+                       k: int = 10) -> Dict[str, float]:
+    """The most-popular baseline (training-prefix counts) under the same protocols and tie rule."""
+    meta = DatasetMeta.load(root)
+    seqs = Sequences.load(root)
+    pop = torch.from_numpy(seqs.train_item_counts(meta.num_items))
+    # break ties between equally popular items by a fixed tiny jitter, not in the target's favour or against it
+    pop = pop + torch.from_numpy(np.random.default_rng(0).random(meta.num_items)) * 1e-3
+    table = read_split(root, split, meta)
+    out: Dict[str, float] = {}
+    cands = table.column("cand_item_ids").combine_chunks()
+    cl = torch.from_numpy(np.diff(cands.offsets.to_numpy()).astype(np.int64))
+    cv = torch.from_numpy(cands.values.to_numpy(zero_copy_only=False).astype(np.int64))
+    labels = torch.from_numpy(table.column("labels").combine_chunks().values.to_numpy(zero_copy_only=False))
+    if "sampled100" in protocols:
+        m = rank_metrics(jagged_target_ranks(pop[cv], labels, cl), k)
+        out.update({f"sampled100_{n}": v for n, v in m.items()})
+    if "full" in protocols:
+        seg = segment_ids(cl)
+        target = torch.zeros(len(cl), dtype=torch.long).index_add(0, seg, torch.where(labels > 0.5, cv, 0))
+        hist = table.column("hist_item_ids").combine_chunks()
+        hl = np.diff(hist.offsets.to_numpy())
+        hv = hist.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        ranks = []
+        for s in range(0, len(cl), 512):
+            e = min(len(cl), s + 512)
+            B = e - s
+            exclude = torch.zeros(B, meta.num_items, dtype=torch.bool)
+            exclude[:, 0] = True
+            o = hist.offsets.to_numpy()
+            exclude[torch.from_numpy(np.repeat(np.arange(B), hl[s:e])), torch.from_numpy(hv[o[s]: o[e]])] = True
+            ranks.append(dense_target_ranks(pop[None, :].expand(B, -1), target[s:e], exclude))
+        m = rank_metrics(torch.cat(ranks), k)
+        out.update({f"full_{n}": v for n, v in m.items()})
+    return out
+
+
+def make_trainer(cfg: SolarConfig, layout=None) -> Trainer:
+    """The trainer for `cfg`: NextItemTrainer when data.task=next_item, else the ranking Trainer."""
+    if cfg.data.task == "next_item":
+        return NextItemTrainer(cfg, layout)
+    return Trainer(cfg, layout)
