@@ -1,10 +1,13 @@
 """Mock sharding on one machine: several real processes (gloo) through the DeepSpeed launcher.
 
 Parity: after the same global batches, tower parameters and embedding rows equal the single-process run.
-Tolerance: 2e-6 absolute (values are O(0.1)). Why not bitwise: the multi-process runs reduce gradients over
-ranks (and within the sp all-reduces) in a different order than one process sums them, so float32 sums differ
-in the last bits. The tower uses SGD here so those round-off differences stay round-off (Adam divides by
-sqrt(v) and turns a 1e-9 gradient difference on a near-zero gradient into a visible step).
+Tolerances (absolute; parameters are O(0.1), training moves them by > 1e-3): tower 2e-6, tables 5e-5.
+Why not bitwise: the multi-process runs reduce gradients over ranks (and inside the sp all-reduces) in another
+order than one process sums them, and each rank pads its own batch, so float32 results differ in the last bits.
+Measured: tower ~6e-8; tables ~3e-6 with `basis_grad=detach` and ~1.5e-5 with the default `full`, whose
+eigen-basis backward multiplies round-off by the (bounded) 1/(λi−λj) gap terms. The tower uses SGD here so
+that round-off stays round-off (Adam divides by sqrt(v) and turns a 1e-9 difference of a near-zero gradient
+into a visible step).
 """
 import signal
 import subprocess
@@ -20,7 +23,8 @@ pytestmark = pytest.mark.multiprocess
 COMMON = ["train.max_steps=4", "train.epochs=1", "deepspeed.optimizer=SGD", "deepspeed.lr=0.5",
           "deepspeed.zero_stage=2", "loss.listwise_weight=0.5", "model.svd_method=gram", "model.depth=2",
           "model.set_layer=true"]
-TOL = 2e-6
+TOWER_TOL = 2e-6
+TABLE_TOL = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +43,12 @@ def test_parity_with_single_process(single, tiny_data, tmp_path, nproc, extra):
     launch(nproc, tmp_path, tiny_data, COMMON + extra)
     tower, tables = final_state(tmp_path)
     ref_tower, ref_tables = single
-    assert max_abs_diff(tower, ref_tower) < TOL
-    assert max_abs_diff(tables, ref_tables) < TOL
+    assert max_abs_diff(tower, ref_tower) < TOWER_TOL
+    assert max_abs_diff(tables, ref_tables) < TABLE_TOL
     # and training did move them (the comparison is not between two untouched initialisations)
     init_tower, init_tables = _initial_state(tiny_data)
-    assert max_abs_diff(ref_tables, init_tables) > 1e-4
+    assert max_abs_diff(ref_tables, init_tables) > 1e-3
+    assert max_abs_diff(ref_tower, init_tower) > 1e-3
 
 
 _INIT = {}
