@@ -100,7 +100,7 @@ class ModelConfig:
     basis_grad: str = "full"  # full | detach
     mass_bias: bool = False
     oversample: int = 8
-    power_iters: int = 2
+    power_iters: int = 1  # randomized range finder: q=1 is ~1.3x cheaper than q=2 and accurate with p=8
     truncate_k: int = 50
     recent_k: int = 16  # last-k events joined to the interests in candidate attention (0 = pure SOLAR)
     ffn_mult: int = 2

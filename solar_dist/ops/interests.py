@@ -314,8 +314,11 @@ def compact_interests_ex(h: torch.Tensor, mask: torch.Tensor, rank: int, method:
                                    oversample=oversample, power_iters=power_iters, sp_group=sp_group)
         return Interests(out.z.to(h.dtype), out.alive, out.mass.to(h.dtype), out.sigma.to(h.dtype))
     tol_v = default_tol(h.dtype) if tol is None else float(tol)
-    z_raw, sigma, alive, s, n_valid = _InterestsCore.apply(h, mask, rank, method, tol_v, oversample,
-                                                           power_iters, basis_grad == "full", sp_group)
+    # the factorisation runs in h's own precision even inside an autocast region (bf16 GEMMs would break the
+    # dead-component test and the eigen solver); the attention around it may still be autocast
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        z_raw, sigma, alive, s, n_valid = _InterestsCore.apply(h, mask, rank, method, tol_v, oversample,
+                                                               power_iters, basis_grad == "full", sp_group)
     # sign convention z_i · Σ_j h_j >= 0 (piecewise constant: no gradient)
     proj = (z_raw * s[:, None, :]).sum(-1)                               # (B,r) = σ_i v_i·s
     sign = torch.where(proj.detach() < 0, -1.0, 1.0).to(h.dtype)

@@ -5,7 +5,6 @@ Per-user Python loops, ``torch.linalg.svd`` in float64, explicit softmax.  No tr
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
