@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import resource
 import time
 import zlib
 from pathlib import Path
@@ -136,6 +137,12 @@ class Trainer:
         t = torch.stack([v.detach().double().cpu() for v in values])
         if dist.is_initialized() and self.layout.world_size > 1:
             dist.all_reduce(t)
+        return t.tolist()
+
+    def _global_max(self, *values: float) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if dist.is_initialized() and self.layout.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
     def train_step(self, batch: Batch) -> Dict[str, float]:
@@ -289,6 +296,7 @@ class Trainer:
             if done:
                 break
         ckpt = self.save()
+        (peak_rss,) = self._global_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
         summary = {
             "final": self.history[-1] if self.history else {},
             "history": self.history,
@@ -299,6 +307,7 @@ class Trainer:
             "checkpoint": str(ckpt),
             "data": {"path": self.cfg.data.path, **{k: v for k, v in self.meta.stats.items()}},
             "world_size": L.world_size, "dp": L.dp, "sp": L.sp,
+            "peak_rss_bytes_per_rank": peak_rss,
         }
         if L.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

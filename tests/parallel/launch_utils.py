@@ -19,7 +19,7 @@ def launch(nproc: int, run_dir: Path, data: Path, overrides: Sequence[str], time
            check: bool = True) -> subprocess.CompletedProcess:
     cmd = ["bash", str(REPO / "launch" / "local.sh"), str(nproc), str(REPO / "configs" / "quickstart.yaml"),
            *BASE, f"data.path={data}", f"train.run_dir={run_dir}", "data.if_missing=error", *overrides]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "VENV": str(Path(sys.executable).parent.parent)}
+    env = launch_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if check:
@@ -27,6 +27,16 @@ def launch(nproc: int, run_dir: Path, data: Path, overrides: Sequence[str], time
         # gloo teardown must be clean on every rank
         assert "terminate called" not in out, out[-6000:]
     return proc
+
+
+RENDEZVOUS = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launch_env() -> dict:
+    """This process's environment without rendezvous variables (an in-process Trainer sets them; a launched
+    job must pick its own free port)."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    return {**env, "DS_ACCELERATOR": "cpu", "VENV": str(Path(sys.executable).parent.parent)}
 
 
 def final_state(run_dir: Path) -> tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
