@@ -25,6 +25,14 @@ def _split_overrides(rest: Sequence[str]) -> List[str]:
 
 def _print_final(summary: dict) -> None:
     final = summary.get("final", {})
+    if "auc" not in final:  # next-item runs report ranking metrics per protocol
+        print("\n| metric | value |\n|---|---|")
+        for k, v in final.items():
+            if isinstance(v, float) and k not in ("epoch_seconds",):
+                print(f"| {k} | {v:.4f} |")
+        print(f"\nsteps {summary.get('steps')}, wall {summary.get('wall_seconds', 0):.1f}s, "
+              f"checkpoint {summary.get('checkpoint')}")
+        return
     data = summary.get("data", {})
     rows = [("model (this run)", final.get("auc"), final.get("gauc"), final.get("ne"), final.get("logloss"))]
     split = "valid"
@@ -48,9 +56,9 @@ def _print_final(summary: dict) -> None:
 def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
     cfg = load_config(args.config, _split_overrides(rest))
     from .parallel.groups import shutdown
-    from .train.trainer import Trainer
+    from .train.next_item import make_trainer
 
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)  # the ranking Trainer, or the next-item one when data.task=next_item
     try:
         summary = trainer.fit()
         if trainer.layout.is_main:
@@ -65,9 +73,9 @@ def cmd_eval(args: argparse.Namespace, rest: Sequence[str]) -> int:
     cfg = load_config(args.config, _split_overrides(rest))
     from .parallel.groups import shutdown
     from .train.checkpoint import latest_checkpoint
-    from .train.trainer import Trainer
+    from .train.next_item import make_trainer
 
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     try:
         path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(cfg.train.run_dir)
         if path is None or not trainer.restore(path):

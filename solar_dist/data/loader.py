@@ -96,7 +96,30 @@ class BatchPlan:
         return global_rows[bounds[self.dp_rank]: bounds[self.dp_rank + 1]]
 
 
-class ArrowLoader:
+class PlannedLoader:
+    """What every loader shares: the BatchPlan built from the table's history lengths, and the position
+    (epoch, step) that checkpoints save."""
+
+    def __init__(self, table: pa.Table, batch_size: int, *, dp_rank: int = 0, dp_size: int = 1,
+                 shuffle: bool = True, seed: int = 0, bucket_batches: int = 0, drop_last: bool = True) -> None:
+        lengths = pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False)
+        self.plan = BatchPlan(
+            lengths, batch_size, dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle, seed=seed,
+            bucket_batches=bucket_batches, drop_last=drop_last,
+        )
+        self.state = LoaderState()
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = LoaderState(epoch=int(state["epoch"]), step=int(state["step"]))
+
+
+class ArrowLoader(PlannedLoader):
     """Iterates Batches of a validated request table following a BatchPlan, with background prefetch."""
 
     def __init__(
@@ -113,24 +136,11 @@ class ArrowLoader:
         max_hist_len: int = 0,
         prefetch: int = 2,
     ) -> None:
+        super().__init__(table, batch_size, dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle, seed=seed,
+                         bucket_batches=bucket_batches, drop_last=drop_last)
         self.table = table
-        lengths = pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False)
-        self.plan = BatchPlan(
-            lengths, batch_size, dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle, seed=seed,
-            bucket_batches=bucket_batches, drop_last=drop_last,
-        )
         self.max_hist_len = max_hist_len
         self.prefetch = prefetch
-        self.state = LoaderState()
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = LoaderState(epoch=int(state["epoch"]), step=int(state["step"]))
 
     def _make(self, rows: np.ndarray) -> Batch:
         return collate(self.table.take(pa.array(rows, type=pa.int64())), max_hist_len=self.max_hist_len)

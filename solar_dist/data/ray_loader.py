@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .batch import Batch, collate
-from .loader import BatchPlan, LoaderState
+from .loader import LoaderState, PlannedLoader
 from .schema import split_files
 
 
@@ -64,7 +64,7 @@ def _make_batch(rows: np.ndarray, starts: Sequence[int], columns: Sequence[str],
 
 
 # ------------------------------------------------------------------------------------------ driver side
-class RayLoader:
+class RayLoader(PlannedLoader):
     """Iterates the Batches of a BatchPlan, collated by Ray workers from Ray Data blocks, with prefetch.
 
     Interface as ArrowLoader: `epoch(e)`, `state`, `state_dict()`, `load_state_dict()`, `plan`, `len()`;
@@ -91,14 +91,10 @@ class RayLoader:
 
         from ..tune.ray_runtime import ensure_ray, quiet_ray_data
 
-        lengths = pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False)
-        self.plan = BatchPlan(
-            lengths, batch_size, dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle, seed=seed,
-            bucket_batches=bucket_batches, drop_last=drop_last,
-        )
+        super().__init__(table, batch_size, dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle, seed=seed,
+                         bucket_batches=bucket_batches, drop_last=drop_last)
         self.max_hist_len = max_hist_len
         self.prefetch = max(1, int(prefetch))
-        self.state = LoaderState()
         self.columns = list(table.column_names)
         self._started_ray = ensure_ray(cfg)
         quiet_ray_data()
@@ -149,15 +145,6 @@ class RayLoader:
         self.num_rows = n
 
     # ------------------------------------------------------------------------------------- interface
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = LoaderState(epoch=int(state["epoch"]), step=int(state["step"]))
-
     def _submit(self, rows: np.ndarray):
         """One Ray task for one batch: only the blocks its rows live in are passed."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -20,7 +20,9 @@ The generative model (all randomness from one seed):
    and the label is Bernoulli(P). The early interest drives clicks exactly as much as the others, so a model
    that sees only recent events cannot recover it; one that summarises the whole history can.
 
-Users are split into train / valid / test (disjoint), one request per user. The Bayes AUC — the AUC of the
+Every user has one training request; `valid_fraction` and `test_fraction` of the users (disjoint subsets)
+also have a later held-out request: the same history, new candidates and labels — the next requests of known
+users, as in production ranking (the user-id embedding is then meaningful). The Bayes AUC — the AUC of the
 true probabilities against the sampled labels — is the ceiling any model can reach on these labels; it is
 stored in meta.json (`stats.bayes_auc_<split>`).
 """
@@ -142,29 +144,29 @@ def generate(cfg: SynthConfig, out: str | Path, verbose: bool = True) -> Dataset
     n_valid = int(round(cfg.valid_fraction * n))
     n_test = int(round(cfg.test_fraction * n))
     users_by_split = {
+        "train": np.arange(n),
         "valid": np.sort(split_of[:n_valid]),
         "test": np.sort(split_of[n_valid: n_valid + n_test]),
-        "train": np.sort(split_of[n_valid + n_test:]),
     }
     stats: Dict[str, float] = {}
     hist_lengths = []
     pop_counts = np.zeros(cfg.num_items, dtype=np.int64)
     per_split = {}
-    for split in ("train", "valid", "test"):
+    for split_index, split in enumerate(("train", "valid", "test")):
         cols: Dict[str, list] = {k: [] for k in ("user_id", "hist_item_ids", "cand_item_ids", "labels", "probs")}
         for uid in users_by_split[split]:
-            urng = np.random.default_rng([cfg.seed, 2, int(uid)])
-            user = world.user(urng)
-            cand = world.candidates(urng, user)
+            user = world.user(np.random.default_rng([cfg.seed, 2, int(uid)]))  # same user in every split
+            crng = np.random.default_rng([cfg.seed, 3, split_index, int(uid)])  # a new request per split
+            cand = world.candidates(crng, user)
             p = world.click_prob(user, cand)
-            y = (urng.random(len(p)) < p).astype(np.float32)
+            y = (crng.random(len(p)) < p).astype(np.float32)
             cols["user_id"].append(int(uid))
             cols["hist_item_ids"].append(user["hist"])
             cols["cand_item_ids"].append(cand)
             cols["labels"].append(y)
             cols["probs"].append(p.astype(np.float32))
-            hist_lengths.append(len(user["hist"]))
             if split == "train":
+                hist_lengths.append(len(user["hist"]))
                 np.add.at(pop_counts, user["hist"], 1)
         write_split(cols, out, split, cfg.rows_per_file)
         per_split[split] = cols

@@ -72,8 +72,16 @@ def test_generate_writes_valid_splits_and_reports_auc(tmp_path):
         probs = np.concatenate(t.column("probs").to_pylist())
         labels = np.concatenate(t.column("labels").to_pylist())
         assert meta.stats[f"bayes_auc_{split}"] == pytest.approx(binary_auc(probs, labels))
-    assert not (users["train"] & users["test"]) and not (users["train"] & users["valid"])
-    assert sum(map(len, users.values())) == 200
+    # every user trains; held-out requests are new requests of disjoint subsets of those users
+    assert users["train"] == set(range(200))
+    assert users["valid"] <= users["train"] and users["test"] <= users["train"]
+    assert not (users["valid"] & users["test"]) and len(users["valid"]) == len(users["test"]) == 30
+    tr, te = read_split(tmp_path, "train"), read_split(tmp_path, "test")
+    u = sorted(users["test"])[0]
+    row_tr = tr.column("user_id").to_pylist().index(u)
+    row_te = te.column("user_id").to_pylist().index(u)
+    assert tr.column("hist_item_ids")[row_tr] == te.column("hist_item_ids")[row_te]
+    assert tr.column("cand_item_ids")[row_tr] != te.column("cand_item_ids")[row_te]
     # the ground truth beats popularity, and both beat chance
     assert meta.stats["bayes_auc_test"] > meta.stats["popularity_auc_test"] + 0.1
     assert 0.5 < meta.stats["popularity_auc_test"]

