@@ -78,6 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for att in args.attention:
                     rec = {"n": n, "m": m, "setup": setup, "attention": att, "nproc": nproc, "sp": sp,
                            "batch": args.batch}
+                    if sp > 1 and att != "svd":
+                        rec["skipped"] = "only SVD-Attention has a sequence-parallel path (N-independent sums)"
+                        records.append(rec)
+                        continue
                     rec.update(run_one(data, work / f"run_{setup}_{att}_{n}_{m}", nproc, sp, att, args.batch,
                                        args.steps, args.extra))
                     records.append(rec)
@@ -93,7 +97,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 s, e = row.get("svd", {}), row.get("sdpa", {})
 
                 def f(r, k, scale=1.0, fmt="{:.2f}"):
-                    return fmt.format(r[k] / scale) if k in r else ("error" if "error" in r else "-")
+                    if k in r:
+                        return fmt.format(r[k] / scale)
+                    return "error" if "error" in r else ("n/a" if "skipped" in r else "-")
 
                 ratio = (f"{s['requests_per_s'] / e['requests_per_s']:.1f}x"
                          if "requests_per_s" in s and "requests_per_s" in e else "-")
