@@ -96,18 +96,11 @@ class BatchPlan:
         return global_rows[bounds[self.dp_rank]: bounds[self.dp_rank + 1]]
 
 
-class PlannedLoader:
-    """What every loader shares: the BatchPlan built from the table's history lengths, and the position
-    (epoch, step) that checkpoints save."""
+class LoaderPosition:
+    """What every loader shares: a BatchPlan (`plan`) and the position (epoch, step) that checkpoints save."""
 
-    def __init__(self, table: pa.Table, batch_size: int, *, dp_rank: int = 0, dp_size: int = 1,
-                 shuffle: bool = True, seed: int = 0, bucket_batches: int = 0, drop_last: bool = True) -> None:
-        lengths = pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False)
-        self.plan = BatchPlan(
-            lengths, batch_size, dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle, seed=seed,
-            bucket_batches=bucket_batches, drop_last=drop_last,
-        )
-        self.state = LoaderState()
+    plan: BatchPlan
+    state: LoaderState
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -117,6 +110,19 @@ class PlannedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = LoaderState(epoch=int(state["epoch"]), step=int(state["step"]))
+
+
+class PlannedLoader(LoaderPosition):
+    """A loader over one request table: its BatchPlan comes from the table's history lengths."""
+
+    def __init__(self, table: pa.Table, batch_size: int, *, dp_rank: int = 0, dp_size: int = 1,
+                 shuffle: bool = True, seed: int = 0, bucket_batches: int = 0, drop_last: bool = True) -> None:
+        lengths = pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False)
+        self.plan = BatchPlan(
+            lengths, batch_size, dp_rank=dp_rank, dp_size=dp_size, shuffle=shuffle, seed=seed,
+            bucket_batches=bucket_batches, drop_last=drop_last,
+        )
+        self.state = LoaderState()
 
 
 class ArrowLoader(PlannedLoader):

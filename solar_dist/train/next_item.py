@@ -38,7 +38,7 @@ import torch
 
 from ..config import SolarConfig
 from ..data.batch import Batch, collate
-from ..data.loader import BatchPlan, LoaderState, _prefetch, eval_loader
+from ..data.loader import BatchPlan, LoaderPosition, LoaderState, _prefetch, eval_loader
 from ..data.schema import DatasetMeta, dataset_exists, read_split
 from ..model.jagged import segment_ids
 from .trainer import Trainer
@@ -193,7 +193,7 @@ def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int64)))
 
 
-class NextItemLoader:
+class NextItemLoader(LoaderPosition):
     """Training batches of (prefix history, target + negatives) samples, deterministic in (seed, epoch, step):
     the same interface as ArrowLoader (epoch(), len(), state_dict(), plan), so Trainer.fit drives it."""
 
@@ -221,15 +221,6 @@ class NextItemLoader:
                          shuffle=self.d.shuffle, seed=self.seed, bucket_batches=self.d.bucket_batches)
         self._epoch_cache = (epoch, users, cuts, plan)
         return users, cuts, plan
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = LoaderState(epoch=int(state["epoch"]), step=int(state["step"]))
 
     def make_batch(self, users: np.ndarray, cuts: np.ndarray, rng: np.random.Generator) -> Batch:
         s = self.seqs
