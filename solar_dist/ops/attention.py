@@ -150,6 +150,14 @@ class _AttentionBase(nn.Module):
         if sp_group is not None:
             raise NotImplementedError(f"{type(self).__name__} does not support sp_group (only SVDAttention does)")
 
+    def _full_kv(self, query, memory, memory_mask, query_mask, extra_kv, extra_mask, sp_group):
+        """Baselines over the whole memory: checks, memory + extra tokens joined, masked rows zeroed."""
+        self._no_sp(sp_group)
+        extra_mask = self._check_inputs(query, memory, memory_mask, query_mask, extra_kv, extra_mask)
+        kv, kv_mask, _ = self._join(memory, memory_mask, None, extra_kv, extra_mask)
+        kv = torch.where(kv_mask[..., None], kv, torch.zeros((), dtype=kv.dtype, device=kv.device))
+        return kv, kv_mask
+
     @staticmethod
     def _finish(y, kv_mask, query_mask):
         """Zero the rows of users with no valid key at all, and padded query rows (skipped when nothing to do)."""
@@ -261,10 +269,7 @@ class ExactAttention(_AttentionBase):
 
     def forward(self, query, memory, memory_mask, *, query_mask=None, extra_kv=None, extra_mask=None,
                 sp_group=None):
-        self._no_sp(sp_group)
-        extra_mask = self._check_inputs(query, memory, memory_mask, query_mask, extra_kv, extra_mask)
-        kv, kv_mask, _ = self._join(memory, memory_mask, None, extra_kv, extra_mask)
-        kv = torch.where(kv_mask[..., None], kv, torch.zeros((), dtype=kv.dtype, device=kv.device))
+        kv, kv_mask = self._full_kv(query, memory, memory_mask, query_mask, extra_kv, extra_mask, sp_group)
         return self._attend_sdpa(query, kv, kv_mask, query_mask)
 
 
@@ -276,10 +281,7 @@ class LinearAttention(_AttentionBase):
 
     def forward(self, query, memory, memory_mask, *, query_mask=None, extra_kv=None, extra_mask=None,
                 sp_group=None):
-        self._no_sp(sp_group)
-        extra_mask = self._check_inputs(query, memory, memory_mask, query_mask, extra_kv, extra_mask)
-        kv, kv_mask, _ = self._join(memory, memory_mask, None, extra_kv, extra_mask)
-        kv = torch.where(kv_mask[..., None], kv, torch.zeros((), dtype=kv.dtype, device=kv.device))
+        kv, kv_mask = self._full_kv(query, memory, memory_mask, query_mask, extra_kv, extra_mask, sp_group)
         B, L, D = query.shape
         K = kv.shape[1]
         h, dh = self.num_heads, self.head_dim
