@@ -133,16 +133,11 @@ class Trainer:
         inputs = tower_inputs(ec_out, ebc_out, batch, grad_scale=grad_scale, dtype=self.dtype)
         return self.engine(**inputs, sp_group=self.layout.tower_sp_group).float()
 
-    def _global(self, *values: torch.Tensor) -> List[float]:
-        t = torch.stack([v.detach().double().cpu() for v in values])
+    def _global(self, *values: torch.Tensor | float, op: dist.ReduceOp = dist.ReduceOp.SUM) -> List[float]:
+        """Scalars reduced over every rank (sum by default), as floats."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         if dist.is_initialized() and self.layout.world_size > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def _global_max(self, *values: float) -> List[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        if dist.is_initialized() and self.layout.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            dist.all_reduce(t, op=op)
         return t.tolist()
 
     def train_step(self, batch: Batch) -> Dict[str, float]:
@@ -296,7 +291,8 @@ class Trainer:
             if done:
                 break
         ckpt = self.save()
-        (peak_rss,) = self._global_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
+        (peak_rss,) = self._global(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+                                   op=dist.ReduceOp.MAX)
         summary = {
             "final": self.history[-1] if self.history else {},
             "history": self.history,
