@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ref_compact_interests", "ref_mha", "ref_svd_attention", "ref_exact_attention",
+__all__ = ["ref_compact_interests", "ref_mha", "ref_svd_attention", "ref_exact_attention", "ref_causal_attention",
            "ref_reconstruct", "ref_mass"]
 
 
@@ -146,3 +146,44 @@ def ref_exact_attention(module, query, memory, memory_mask, query_mask=None, ext
         extra_mask = torch.ones(extra_kv.shape[:2], dtype=torch.bool)
     kv, kv_mask, _ = _cat_extra(memory.to(torch.float64), memory_mask, None, extra_kv, extra_mask)
     return ref_mha(module, query, kv, kv_mask, None, query_mask, use_sdpa=False)
+
+
+def ref_causal_attention(module, x, mask, window, rel_bias=None, kind="svd", tol=None):
+    """Reference of :func:`solar_dist.ops.causal.causal_attention`, position by position in float64.
+
+    Position t of user b attends to: (``svd``) the reference interests of x[b, :(t // window) * window] and the
+    tokens s in [t - window + 1, t]; (``truncate``) those tokens only; (``exact``) every s <= t. Offset t - s
+    gets rel_bias[:, min(t - s, window)]."""
+    B, N, D = x.shape
+    h = module.num_heads
+    dh = D // h
+    out = torch.zeros(B, N, D, dtype=torch.float64)
+    bias_tab = rel_bias.detach().to(torch.float64) if rel_bias is not None else torch.zeros(h, window + 1,
+                                                                                             dtype=torch.float64)
+    for b in range(B):
+        n = int(mask[b].sum())
+        xb = x[b, :n].detach().to(torch.float64)
+        for t in range(n):
+            lo = 0 if kind == "exact" else max(0, t - window + 1)
+            toks = xb[lo: t + 1]
+            offs = t - torch.arange(lo, t + 1)
+            tok_bias = bias_tab[:, offs.clamp(max=window)]                     # (h, K)
+            kv, kv_bias = toks, tok_bias
+            if kind == "svd":
+                start = (t // window) * window
+                if start > 0:
+                    z, alive, mass, _, _ = ref_compact_interests(xb[None, :start], torch.ones(1, start, dtype=torch.bool),
+                                                                 module.rank, scale=module.interest_scale, tol=tol)
+                    zb = z[0][alive[0]]
+                    ib = (mass[0][alive[0]].clamp_min(1e-30).log() if module.mass_bias
+                          else torch.zeros(zb.shape[0], dtype=torch.float64))
+                    kv = torch.cat([zb, toks], 0)
+                    kv_bias = torch.cat([ib[None, :].expand(h, -1), tok_bias], 1)
+            q = _lin(xb[t: t + 1], module.q_proj).view(1, h, dh).transpose(0, 1)  # (h,1,dh)
+            k = _lin(kv, module.k_proj).view(-1, h, dh).transpose(0, 1)          # (h,K,dh)
+            v = _lin(kv, module.v_proj).view(-1, h, dh).transpose(0, 1)
+            sc = q @ k.transpose(-1, -2) / math.sqrt(dh) + kv_bias[:, None, :]
+            p = torch.softmax(sc, -1)
+            o = (p @ v).transpose(0, 1).reshape(1, D)
+            out[b, t] = _lin(o, module.out_proj)[0]
+    return out

@@ -1,0 +1,136 @@
+"""Causal attention of a sequence over its own past: next-item training at every position (design §7).
+
+In ranking every candidate comes after the history, so SVD-Attention may summarise the whole history. When
+every position t of a sequence predicts event t+1 (SASRec-style training, one pass per user instead of one
+sample per cut point), position t may only see events <= t. Three kinds, one signature
+(`causal_attention(attn, x, mask, window, rel_bias, kind)`), all with the projections of an attention module:
+
+  ``svd``       chunked-causal SVD-Attention. The sequence is cut into chunks of `window` (= C) positions.
+                Position t in chunk j = t // C attends, in one softmax, to
+                  * the r compact interests of the prefix [0, jC) (computed by the module's own
+                    `interests`, i.e. the same op, method and backward as in ranking), and
+                  * the exact tokens of the sliding window [t-C+1, t] (itself included), with a learned
+                    per-head bias for each offset t-s in [0, C).
+                Nothing at or after the chunk boundary jC enters the interests, and nothing after t enters the
+                window, so no event after t reaches position t (tests check gradients are exactly zero).
+                Cost per user: O(N·C·D) for the windows plus the interests of N/C prefixes, O(N²/C·D·r) with
+                the randomized method (a cumulative-Gram variant would make this O(N·D²); not needed while
+                histories are truncated to a few hundred events for this training mode).
+  ``exact``     the baseline: exact causal softmax over all s <= t; offsets < C get the same learned bias,
+                older ones one shared "far" bias. O(N²·D).
+  ``truncate``  the window alone (the last C events): last-k truncation.
+
+At the last position of a sequence (what evaluation uses) ``svd`` sees the interests of every event before the
+last chunk plus the last C events exactly: the ranking tower's "interests + recent window" (design §8).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+CAUSAL_KINDS = ("svd", "exact", "truncate")
+
+
+def _check(attn, x: torch.Tensor, mask: torch.Tensor, window: int, rel_bias: Optional[torch.Tensor], kind: str):
+    if kind not in CAUSAL_KINDS:
+        raise ValueError(f"kind must be one of {list(CAUSAL_KINDS)}, got {kind!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != attn.dim:
+        raise ValueError(f"x must have shape (B, N, {attn.dim}), got {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(x.shape[:2]) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:2])}, got "
+                         f"{tuple(getattr(mask, 'shape', ()))} {getattr(mask, 'dtype', '')}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    if rel_bias is not None and tuple(rel_bias.shape) != (attn.num_heads, window + 1):
+        raise ValueError(f"rel_bias must have shape (num_heads, window + 1) = {(attn.num_heads, window + 1)}, "
+                         f"got {tuple(rel_bias.shape)}")
+    if mask.shape[1] > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError("mask must mark a left-aligned prefix of valid positions in every row (padding only at "
+                         "the end): causal positions are the row's own order")
+
+
+def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
+    return t.view(*t.shape[:-1], h, t.shape[-1] // h)
+
+
+def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
+                     rel_bias: Optional[torch.Tensor] = None, kind: str = "svd") -> torch.Tensor:
+    """x (B, N, D): queries, keys and values are the sequence's own tokens; mask (B, N) left-aligned valid
+    positions. `attn`: an attention module (its q/k/v/out projections, heads and, for ``svd``, `interests`).
+    `rel_bias` (h, window + 1): additive score bias per head for offsets 0..window-1, last entry for older
+    tokens (``exact`` only). Returns (B, N, D); padded positions are zero."""
+    _check(attn, x, mask, window, rel_bias, kind)
+    if kind == "exact":
+        return _exact(attn, x, mask, window, rel_bias)
+    B, N, D = x.shape
+    h, dh, C = attn.num_heads, attn.head_dim, window
+    nC = max(1, -(-N // C))
+    Np = nC * C
+    if Np != N:
+        x = F.pad(x, (0, 0, 0, Np - N))
+        mask = F.pad(mask, (0, Np - N))
+    xm = x * mask[..., None].to(x.dtype)
+    q = _heads(attn.q_proj(xm), h).view(B, nC, C, h, dh)
+    k = _heads(attn.k_proj(xm), h).view(B, nC, C, h, dh)
+    v = _heads(attn.v_proj(xm), h).view(B, nC, C, h, dh)
+    mc = mask.view(B, nC, C)
+    # window keys of chunk j: chunks j-1 and j (2C tokens), band-masked to offsets 0..C-1
+    zk, zm = k.new_zeros(B, 1, C, h, dh), mc.new_zeros(B, 1, C)
+    kw = torch.cat([torch.cat([zk, k[:, :-1]], 1), k], 2)                 # (B,nC,2C,h,dh)
+    vw = torch.cat([torch.cat([zk, v[:, :-1]], 1), v], 2)
+    mw = torch.cat([torch.cat([zm, mc[:, :-1]], 1), mc], 2)                # (B,nC,2C)
+    a = torch.arange(C, device=x.device)
+    b = torch.arange(2 * C, device=x.device)
+    off = a[:, None] + C - b[None, :]                                      # t - s, (C, 2C)
+    band = (off >= 0) & (off < C)
+    scale = 1.0 / math.sqrt(dh)
+    s_win = torch.einsum("bjqhe,bjkhe->bjhqk", q, kw) * scale             # (B,nC,h,C,2C)
+    if rel_bias is not None:
+        s_win = s_win + rel_bias[:, off.clamp(0, C - 1)].to(s_win.dtype)[None, None]
+    m_win = band[None, None, None] & mw[:, :, None, None, :]              # (B,nC,1,C,2C)
+    o = None
+    if kind == "svd":
+        r = attn.rank
+        zs, alive, bias = [x.new_zeros(B, r, D)], [mask.new_zeros(B, r)], [x.new_zeros(B, r)]
+        for j in range(1, nC):  # interests of the prefix [0, jC): rows at or after jC never enter
+            it = attn.interests(xm[:, : j * C], mask[:, : j * C])
+            zs.append(it.z.to(x.dtype))
+            alive.append(it.alive)
+            bias.append(torch.where(it.alive, it.mass.clamp_min(1e-30).log(), torch.zeros_like(it.mass)).to(x.dtype))
+        z = torch.stack(zs, 1)                                             # (B,nC,r,D)
+        ki = _heads(attn.k_proj(z), h)                                     # (B,nC,r,h,dh)
+        vi = _heads(attn.v_proj(z), h)
+        s_int = torch.einsum("bjqhe,bjrhe->bjhqr", q, ki) * scale          # (B,nC,h,C,r)
+        if attn.mass_bias:
+            s_int = s_int + torch.stack(bias, 1)[:, :, None, None, :]
+        m_int = torch.stack(alive, 1)[:, :, None, None, :].expand(B, nC, 1, C, r)
+        s = torch.cat([s_int, s_win], -1).masked_fill(~torch.cat([m_int, m_win], -1), torch.finfo(s_win.dtype).min)
+        p = torch.softmax(s, -1)
+        o = torch.einsum("bjhqr,bjrhe->bjqhe", p[..., :r], vi) + torch.einsum("bjhqk,bjkhe->bjqhe", p[..., r:], vw)
+    else:
+        p = torch.softmax(s_win.masked_fill(~m_win, torch.finfo(s_win.dtype).min), -1)
+        o = torch.einsum("bjhqk,bjkhe->bjqhe", p, vw)
+    y = attn.out_proj(o.reshape(B, Np, D))
+    return (y * mask[..., None].to(y.dtype))[:, :N]
+
+
+def _exact(attn, x, mask, window, rel_bias):
+    B, N, D = x.shape
+    h, dh = attn.num_heads, attn.head_dim
+    xm = x * mask[..., None].to(x.dtype)
+    q = _heads(attn.q_proj(xm), h).transpose(1, 2)                        # (B,h,N,dh)
+    k = _heads(attn.k_proj(xm), h).transpose(1, 2)
+    v = _heads(attn.v_proj(xm), h).transpose(1, 2)
+    t = torch.arange(N, device=x.device)
+    off = t[:, None] - t[None, :]
+    allowed = (off >= 0)[None, None] & mask[:, None, None, :]
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dh)
+    if rel_bias is not None:
+        s = s + rel_bias[:, off.clamp(0, window)].to(s.dtype)[None]
+    s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
+    o = torch.matmul(torch.softmax(s, -1), v)
+    y = attn.out_proj(o.transpose(1, 2).reshape(B, N, D))
+    return y * mask[..., None].to(y.dtype)

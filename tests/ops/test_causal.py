@@ -1,0 +1,116 @@
+"""Causal attention (ops/causal.py) against its position-by-position reference twin, and the property that
+makes next-item training at every position honest: nothing after position t reaches position t."""
+import pytest
+import torch
+
+from solar_dist.ops import SVDAttention
+from solar_dist.ops.causal import causal_attention
+from solar_dist.ops.reference import ref_causal_attention
+
+
+def _batch(lengths, N, D, gen, dtype=torch.float64):
+    x = torch.randn(len(lengths), N, D, generator=gen, dtype=dtype)
+    mask = torch.zeros(len(lengths), N, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = True
+    x = torch.where(mask[..., None], x, torch.full_like(x, 1e3))  # garbage padding must not matter
+    return x, mask
+
+
+def _module(D, h, r, method, mass_bias=False, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return SVDAttention(D, h, r, svd_method=method, mass_bias=mass_bias, power_iters=2).to(dtype)
+
+
+CASES = [  # (lengths, N, D, heads, rank, window)
+    ([7, 3, 0, 1], 7, 8, 2, 3, 3),
+    ([11, 11], 11, 6, 1, 4, 4),
+    ([5, 9, 2], 9, 8, 4, 2, 1),
+    ([6], 6, 4, 2, 4, 8),        # window longer than the sequence: no interests at all
+    ([13, 10, 4], 13, 12, 3, 5, 5),
+]
+
+
+@pytest.mark.parametrize("kind", ["svd", "exact", "truncate"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_reference(kind, case):
+    lengths, N, D, h, r, w = CASES[case]
+    gen = torch.Generator().manual_seed(100 + case)
+    x, mask = _batch(lengths, N, D, gen)
+    m = _module(D, h, r, "exact", mass_bias=(case % 2 == 1))
+    rel = torch.randn(h, w + 1, generator=gen, dtype=torch.float64)
+    got = causal_attention(m, x, mask, w, rel, kind)
+    ref = ref_causal_attention(m, x, mask, w, rel, kind)
+    assert got.shape == (len(lengths), N, D)
+    torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-7)
+    assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
+
+
+@pytest.mark.parametrize("method", ["gram", "randomized"])
+def test_fast_interest_methods_match_reference_on_low_rank_sequences(method):
+    """With prefixes of rank <= r every method is lossless, so the chunked op equals the exact reference."""
+    gen = torch.Generator().manual_seed(7)
+    B, N, D, r, w = 3, 12, 8, 3, 4
+    basis = torch.randn(B, r, D, generator=gen, dtype=torch.float64)
+    x = torch.einsum("bnr,brd->bnd", torch.randn(B, N, r, generator=gen, dtype=torch.float64), basis)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for b, n in enumerate([12, 9, 5]):
+        mask[b, :n] = True
+    m = _module(D, 2, r, method)
+    got = causal_attention(m, x, mask, w, None, "svd")
+    torch.testing.assert_close(got, ref_causal_attention(m, x, mask, w, None, "svd"), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["svd", "exact", "truncate"])
+def test_nothing_after_t_reaches_t(kind):
+    """Gradients of position t's output w.r.t. every later event are exactly zero, and changing the later
+    events leaves positions <= t bit-identical (randomized interests, float32: the training configuration)."""
+    gen = torch.Generator().manual_seed(3)
+    B, N, D, w = 2, 23, 16, 4
+    x, mask = _batch([23, 17], N, D, gen, dtype=torch.float32)
+    m = _module(D, 2, 4, "randomized", dtype=torch.float32)
+    rel = torch.randn(2, w + 1, generator=gen)
+    for t in (0, 3, 4, 9, 16):
+        xx = x.clone().requires_grad_(True)
+        y = causal_attention(m, xx, mask, w, rel, kind)
+        y[:, t].pow(2).sum().backward()
+        assert torch.equal(xx.grad[:, t + 1:], torch.zeros_like(xx.grad[:, t + 1:])), t
+        assert bool(xx.grad[:, : t + 1].abs().sum() > 0)
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn(B, N - t - 1, D, generator=gen) * 5
+        y2 = causal_attention(m, x2, mask, w, rel, kind)
+        assert torch.equal(y.detach()[:, : t + 1], y2[:, : t + 1]), t
+
+
+def test_degenerate_inputs_are_finite():
+    """Zero sequences, repeated rows, empty rows: finite outputs and gradients."""
+    D, w = 8, 3
+    m = _module(D, 2, 4, "randomized", dtype=torch.float32)
+    x = torch.zeros(3, 10, D)
+    x[1] = torch.randn(1, D)          # one repeated row: rank 1
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, :10] = True
+    mask[1, :7] = True
+    x.requires_grad_(True)
+    y = causal_attention(m, x, mask, w, torch.zeros(2, w + 1), "svd")
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.equal(y[2], torch.zeros_like(y[2]))
+
+
+def test_bad_inputs_are_named():
+    m = _module(8, 2, 4, "exact")
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="kind"):
+        causal_attention(m, x, mask, 2, None, "linear")
+    with pytest.raises(ValueError, match="window"):
+        causal_attention(m, x, mask, 0)
+    with pytest.raises(ValueError, match="rel_bias"):
+        causal_attention(m, x, mask, 2, torch.zeros(2, 2))
+    holes = mask.clone()
+    holes[0, 1] = False
+    with pytest.raises(ValueError, match="left-aligned"):
+        causal_attention(m, x, holes, 2)
+    with pytest.raises(ValueError, match="x must have shape"):
+        causal_attention(m, x[..., :4], mask, 2)
