@@ -108,6 +108,9 @@ class ModelConfig:
     set_layer: bool = False
     scorer_hidden: List[int] = field(default_factory=lambda: [64])
     position_buckets: int = 32  # log-spaced recency buckets
+    # Next-item training at every position (next_item.train_mode=all_positions): chunk and sliding-window
+    # length of causal SVD-Attention (ops/causal.py); `truncate` uses truncate_k instead.
+    causal_window: int = 32
 
 
 @dataclass
@@ -181,6 +184,10 @@ class NextItemConfig:
 
     Owned by the real-data work (converters, leave-one-out protocol, retrieval metrics)."""
 
+    # prefix_samples: one sample per (user, cut point), the target-aware ranking tower scores candidates.
+    # all_positions: one causal pass per user, every position predicts the next event (SASRec-style), the
+    # tower's per-position states score items by dot product with their embeddings (ops/causal.py).
+    train_mode: str = "prefix_samples"
     train_negatives: int = 128  # sampled negatives per training target (0 = full catalogue softmax)
     negative_sampler: str = "uniform"  # uniform | popularity
     cut_points_per_user: int = 0  # training samples per user per epoch (0 = every position)
@@ -242,6 +249,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "data.if_missing": ("synth", "error"),
     "data.task": ("ranking", "next_item"),
     "next_item.negative_sampler": ("uniform", "popularity"),
+    "next_item.train_mode": ("prefix_samples", "all_positions"),
     "tune.mode": ("max", "min"),
     "data.loader": ("pyarrow", "ray"),
     "embedding.optimizer": ("rowwise_adagrad", "adagrad", "adam", "sgd"),
@@ -264,7 +272,7 @@ _POSITIVE = [
     "synth.min_hist_len", "synth.max_hist_len", "synth.num_candidates", "synth.rows_per_file",
     "data.batch_size", "data.eval_batch_size", "embedding.dim", "deepspeed.bucket_size", "embedding.action_table_size",
     "model.depth", "model.num_heads", "model.rank", "model.truncate_k", "model.ffn_mult",
-    "model.position_buckets", "parallel.sp", "next_item.eval_negatives", "next_item.topk", "next_item.eval_chunk_pairs",
+    "model.position_buckets", "model.causal_window", "parallel.sp", "next_item.eval_negatives", "next_item.topk", "next_item.eval_chunk_pairs",
     "tune.num_samples", "tune.grace_period", "tune.reduction_factor", "tune.workers_per_trial", "train.epochs", "train.log_every", "train.keep_checkpoints",
 ]
 _NON_NEGATIVE = [
@@ -340,6 +348,16 @@ def validate(cfg: Any) -> None:
     for name in cfg.eval.metrics:
         if name not in EVAL_METRICS:
             raise ConfigError(f"eval.metrics contains {name!r}; allowed: {list(EVAL_METRICS)}")
+    if cfg.next_item.train_mode == "all_positions":
+        if cfg.model.attention not in ("svd", "sdpa", "truncate"):
+            raise ConfigError(f"model.attention={cfg.model.attention!r} has no causal form; next_item.train_mode="
+                              f"all_positions needs one of ['svd', 'sdpa', 'truncate']")
+        if cfg.parallel.sp != 1:
+            raise ConfigError(f"parallel.sp={cfg.parallel.sp}: next_item.train_mode=all_positions runs the causal "
+                              f"tower on whole sequences (use data parallelism, parallel.sp=1)")
+        if cfg.next_item.train_negatives < 1:
+            raise ConfigError("next_item.train_negatives=0 (full catalogue) is not supported with train_mode="
+                              "all_positions; give a number of sampled negatives per user (e.g. 128)")
     for name in cfg.next_item.eval_protocols:
         if name not in ("sampled100", "full"):
             raise ConfigError(f"next_item.eval_protocols contains {name!r}; allowed: ['sampled100', 'full']")

@@ -55,3 +55,11 @@ def tower_inputs(ec_out: Dict[str, JaggedTensor], ebc_out: KeyedTensor, batch: B
         hist, cand, user = hist.to(dtype), cand.to(dtype), user.to(dtype)
     return {"hist": hist, "hist_lengths": batch.hist_lengths, "cand": cand, "cand_lengths": batch.cand_lengths,
             "user": user, "hist_pos_from_end": batch.hist_pos_from_end}
+
+
+def tower_head(cfg) -> str:
+    """Which SolarTower head a full config trains: `states` for next-item training at every position
+    (next_item.train_mode=all_positions), else the ranking head `rank`."""
+    if cfg.data.task == "next_item" and cfg.next_item.train_mode == "all_positions":
+        return "states"
+    return "rank"

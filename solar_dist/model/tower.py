@@ -7,6 +7,12 @@ history embeddings (+ recency buckets)
   -> optional set layer (candidates attend to the candidate set's own interests)
   -> scorer MLP -> one logit per candidate.
 
+`mode="states"` (next-item training at every position): the same blocks run causally (ops/causal.py: each
+position attends to the interests of the prefix before its chunk plus a sliding window of its own last events,
+with a learned per-head offset bias), and the tower returns one state per history position; the trainer scores
+items by the dot product of a state with their embeddings (SASRec-style). No recency buckets there: a
+position's distance from the end of the sequence would tell it how much future follows.
+
 The attention kind is one config switch (`model.attention`): `svd` or the baselines `sdpa`, `linear`,
 `truncate`, `oracle`, all behind the same call. Under sequence parallelism each rank holds a contiguous chunk
 of every history: the attention op combines N-independent sums over the `sp_group`, and the recent window is
@@ -22,6 +28,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops import make_attention
+from ..ops.causal import causal_attention
 from ..ops.collectives import all_reduce_sum
 from .jagged import jagged_to_padded, lengths_to_mask, positions_from_end
 
@@ -43,6 +50,10 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+#: model.attention -> kind of ops/causal.py
+CAUSAL_KIND = {"svd": "svd", "sdpa": "exact", "truncate": "truncate"}
+
+
 def _attention(cfg: ModelConfig, dim: int) -> nn.Module:
     return make_attention(
         cfg.attention, dim, cfg.num_heads, cfg.rank, svd_method=cfg.svd_method,
@@ -52,32 +63,58 @@ def _attention(cfg: ModelConfig, dim: int) -> nn.Module:
 
 
 class SolarBlock(nn.Module):
-    """Pre-norm residual block: tokens attend to the interests of the (normalised) layer input, then FFN."""
+    """Pre-norm residual block: tokens attend to the interests of the (normalised) layer input, then FFN.
+    `causal=True`: the block runs ops/causal.py instead (next-item training at every position)."""
 
-    def __init__(self, cfg: ModelConfig, dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, dim: int, causal: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = _attention(cfg, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, cfg.ffn_mult, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
+        self.causal = causal
+        if causal:
+            # additive score bias per head for window offsets 0..w-1 and one for older events
+            self.causal_kind = CAUSAL_KIND.get(cfg.attention)
+            if self.causal_kind is None:
+                raise ValueError(f"model.attention={cfg.attention!r} has no causal form; choose one of "
+                                 f"{sorted(CAUSAL_KIND)}")
+            self.window = cfg.truncate_k if cfg.attention == "truncate" else cfg.causal_window
+            self.rel_bias = nn.Parameter(torch.zeros(cfg.num_heads, self.window + 1))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.drop(self.attn(h, h, mask, query_mask=mask, sp_group=sp_group))
+        if self.causal:
+            a = causal_attention(self.attn, h, mask, self.window, self.rel_bias, self.causal_kind)
+        else:
+            a = self.attn(h, h, mask, query_mask=mask, sp_group=sp_group)
+        x = x + self.drop(a)
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x * mask[..., None]
 
 
 class SolarTower(nn.Module):
-    def __init__(self, cfg: ModelConfig, dim: int) -> None:
+    """`head="rank"`: the ranking tower (candidates attend to the history; MLP scorer).
+    `head="states"`: the causal tower for next-item training at every position (`states`); it has only the
+    input projection, the causal blocks and the output norm (no parameter that the mode never uses)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, head: str = "rank") -> None:
         super().__init__()
+        if head not in ("rank", "states"):
+            raise ValueError(f"head must be 'rank' or 'states', got {head!r}")
         self.cfg = cfg
         self.dim = dim
+        self.head = head
+        causal = head == "states"
         self.in_proj = nn.Linear(dim, dim)
-        self.recency = nn.Embedding(cfg.position_buckets, dim)
-        self.blocks = nn.ModuleList([SolarBlock(cfg, dim) for _ in range(cfg.depth)])
+        if not causal:
+            self.recency = nn.Embedding(cfg.position_buckets, dim)
+        self.blocks = nn.ModuleList([SolarBlock(cfg, dim, causal=causal) for _ in range(cfg.depth)])
         self.out_norm = nn.LayerNorm(dim)
+        self.in_drop = nn.Dropout(cfg.dropout)
+        if causal:
+            return
         self.cand_proj = nn.Linear(2 * dim, dim)
         self.recent_slot = nn.Embedding(max(cfg.recent_k, 1), dim)
         self.cand_attn = _attention(cfg, dim)
@@ -116,20 +153,40 @@ class SolarTower(nn.Module):
         window = window + self.recent_slot.weight[None, :k]
         return window, filled > 0.5
 
+    def states(self, hist: torch.Tensor, hist_lengths: torch.Tensor) -> torch.Tensor:
+        """Causal per-position states (T, D), jagged like hist: state t depends on events <= t only."""
+        x, mask = jagged_to_padded(self.in_proj(hist), hist_lengths)
+        x = self.in_drop(x) * mask[..., None]
+        for block in self.blocks:
+            x = block(x, mask, None)
+        return self.out_norm(x)[mask]
+
     def forward(
         self,
         hist: torch.Tensor,
         hist_lengths: torch.Tensor,
-        cand: torch.Tensor,
-        cand_lengths: torch.Tensor,
-        user: torch.Tensor,
+        cand: Optional[torch.Tensor] = None,
+        cand_lengths: Optional[torch.Tensor] = None,
+        user: Optional[torch.Tensor] = None,
         *,
         hist_pos_from_end: Optional[torch.Tensor] = None,
         sp_group: Optional[dist.ProcessGroup] = None,
+        mode: str = "rank",
     ) -> torch.Tensor:
         """hist (T, D) jagged by hist_lengths (B,); cand (Tc, D) jagged by cand_lengths; user (B, D).
         `hist_pos_from_end` (T,): each event's distance from its request's newest event (computed from the
-        lengths when not given; under sp the caller passes the global figure). Returns logits (Tc,)."""
+        lengths when not given; under sp the caller passes the global figure). Returns logits (Tc,).
+        `mode="states"`: only hist is used; returns the causal states (T, D) (see `states`)."""
+        if mode != self.head:
+            raise ValueError(f"this tower was built with head={self.head!r}; mode={mode!r} needs head={mode!r}")
+        if mode == "states":
+            if sp_group is not None:
+                raise ValueError("mode='states' runs whole sequences on one rank; sp_group must be None")
+            return self.states(hist, hist_lengths)
+        if mode != "rank":
+            raise ValueError(f"mode must be 'rank' or 'states', got {mode!r}")
+        if cand is None or cand_lengths is None or user is None:
+            raise ValueError("mode='rank' needs cand, cand_lengths and user")
         if hist_pos_from_end is None:
             hist_pos_from_end = positions_from_end(hist_lengths)
         x = self.in_proj(hist) + self.recency(recency_bucket(hist_pos_from_end, self.cfg.position_buckets))

@@ -73,6 +73,7 @@ def activation_bytes(cfg: SolarConfig, max_len: int, sp: int, bf16: bool) -> flo
 
 def plan(cfg: SolarConfig, world_size: int, device: str, hbm_gb: float, local_world_size: int) -> Dict:
     from ..model.sparse import SparseArch
+    from ..model.solar import tower_head
     from ..model.tower import SolarTower
     from .sharding import make_planner, sharders
 
@@ -111,7 +112,7 @@ def plan(cfg: SolarConfig, world_size: int, device: str, hbm_gb: float, local_wo
                 ranks.append(r)
             rows.append({"table": table, "module": module_path, "sharding_type": ps.sharding_type,
                          "compute_kernel": ps.compute_kernel, "ranks": sorted(set(ranks))})
-    tower = SolarTower(cfg.model, cfg.embedding.dim)
+    tower = SolarTower(cfg.model, cfg.embedding.dim, head=tower_head(cfg))
     n_params = sum(p.numel() for p in tower.parameters())
     tb = tower_bytes_per_rank(n_params, cfg.deepspeed.zero_stage, world_size, cfg.deepspeed.bf16,
                               cfg.deepspeed.optimizer)

@@ -8,6 +8,14 @@ over the catalogue or proportional to training popularity; the target itself is 
 items are not), or the whole catalogue when `train_negatives=0`. The loss is the trainer's: configure
 `loss.listwise_weight` (softmax cross-entropy over the candidate set, the next-item loss) and/or BCE.
 
+`next_item.train_mode=all_positions` (SASRec-style, svd_attention.md §7): one sample per user per epoch, its
+training sequence (the last `data.max_hist_len`+1 events of it when set); the causal tower (model/tower.py,
+ops/causal.py) gives a state at every position t, which scores the next event e_{t+1} against
+`train_negatives` items sampled per user (shared by the user's positions; a negative equal to a position's
+target is masked out for that position) by dot products with the item embeddings; the loss is softmax
+cross-entropy averaged over every position of the batch. Evaluation scores candidates with the state of the
+last history position. One pass per user trains every position, instead of one prefix per sample.
+
 Causality (svd_attention.md §7): a sample's history is exactly the prefix before its target, so the interests
 and the recent window are computed from events strictly before the target; tests/train/test_next_item.py
 checks that no target ever reaches its own history.
@@ -37,10 +45,11 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import SolarConfig
-from ..data.batch import Batch, collate
+from ..data.batch import CAND_ITEM, Batch, collate
 from ..data.loader import BatchPlan, LoaderPosition, LoaderState, _prefetch, eval_loader
 from ..data.schema import DatasetMeta, dataset_exists, read_split
-from ..model.jagged import segment_ids
+from ..model.jagged import jagged_to_padded, segment_ids
+from ..model.solar import tower_head, tower_inputs
 from .trainer import Trainer
 
 SEQUENCES = "sequences.parquet"
@@ -171,19 +180,19 @@ class NegativeSampler:
         elif kind != "uniform":
             raise ValueError(f"negative_sampler={kind!r}; choose uniform or popularity")
 
-    def _draw(self, shape, rng: np.random.Generator) -> np.ndarray:
+    def draw(self, shape, rng: np.random.Generator) -> np.ndarray:
         if self.kind == "uniform":
             return rng.integers(1, self.num_items, size=shape)
         return np.minimum(np.searchsorted(self.cdf, rng.random(size=shape), side="right"), self.num_items - 1)
 
     def sample(self, targets: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         """(B, n) negatives; entries equal to the row's target are redrawn until none is left."""
-        out = self._draw((len(targets), n), rng)
+        out = self.draw((len(targets), n), rng)
         bad = out == targets[:, None]
         for _ in range(1000):
             if not bad.any():
                 return out
-            out[bad] = self._draw(int(bad.sum()), rng)
+            out[bad] = self.draw(int(bad.sum()), rng)
             bad = out == targets[:, None]
         raise RuntimeError("could not draw negatives different from the targets (catalogue too small?)")
 
@@ -205,6 +214,7 @@ class NextItemLoader(LoaderPosition):
         self.seed = cfg.train.seed
         self.max_hist_len = self.d.max_hist_len
         self.use_actions = cfg.embedding.use_actions and seqs.action is not None
+        self.all_positions = self.ni.train_mode == "all_positions"
         counts = seqs.train_item_counts(meta.num_items)
         self.sampler = NegativeSampler(meta.num_items, self.ni.negative_sampler, counts)
         self.state = LoaderState()
@@ -215,7 +225,11 @@ class NextItemLoader(LoaderPosition):
         if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1:]  # type: ignore[return-value]
         rng = np.random.default_rng([self.seed, epoch, 1])
-        users, cuts = self.seqs.cut_points(self.ni.cut_points_per_user, rng)
+        if self.all_positions:  # every user with at least one (history, next event) pair; cut = whole prefix
+            users = np.flatnonzero(self.seqs.num_train >= 2).astype(np.int64)
+            cuts = self.seqs.num_train[users] - 1  # positions 0..cut-1 predict events 1..cut
+        else:
+            users, cuts = self.seqs.cut_points(self.ni.cut_points_per_user, rng)
         lengths = np.minimum(cuts, self.max_hist_len) if self.max_hist_len else cuts
         plan = BatchPlan(lengths, self.d.batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
                          shuffle=self.d.shuffle, seed=self.seed, bucket_batches=self.d.bucket_batches)
@@ -231,7 +245,19 @@ class NextItemLoader(LoaderPosition):
         hist_len = hi - lo
         targets = s.items[hi]
         n = self.ni.train_negatives
-        if n > 0:
+        if self.all_positions:
+            # candidates of a user: the next event of each history position, then n negatives for all of them
+            tgt = s.items[idx + 1]
+            negs = self.sampler.draw((len(users), n), rng)
+            cl = hist_len + n
+            offs = np.r_[0, np.cumsum(hist_len)]
+            cands = np.concatenate([np.concatenate([tgt[a:b], g]) for a, b, g in zip(offs[:-1], offs[1:], negs)])
+            labels = np.concatenate([np.r_[np.ones(m, np.float32), np.zeros(n, np.float32)] for m in hist_len])
+            cols = {"user_id": pa.array(s.user_ids[users]), "hist_item_ids": _list_array(s.items[idx], hist_len),
+                    "cand_item_ids": _list_array(cands, cl),
+                    "labels": pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(cl)].astype(np.int32)),
+                                                       pa.array(labels, type=pa.float32()))}
+        elif n > 0:
             cands = np.concatenate([targets[:, None], self.sampler.sample(targets, n, rng)], axis=1)
             labels = np.zeros(cands.shape, dtype=np.float32)
             labels[:, 0] = 1.0
@@ -239,11 +265,12 @@ class NextItemLoader(LoaderPosition):
             cat = np.arange(1, self.meta.num_items)
             cands = np.broadcast_to(cat, (len(users), len(cat)))
             labels = (cands == targets[:, None]).astype(np.float32)
-        cl = np.full(len(users), cands.shape[1])
-        cols = {"user_id": pa.array(s.user_ids[users]), "hist_item_ids": _list_array(s.items[idx], hist_len),
-                "cand_item_ids": _list_array(cands.reshape(-1), cl),
-                "labels": pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(cl)].astype(np.int32)),
-                                                   pa.array(labels.reshape(-1), type=pa.float32()))}
+        if not self.all_positions:
+            cl = np.full(len(users), cands.shape[1])
+            cols = {"user_id": pa.array(s.user_ids[users]), "hist_item_ids": _list_array(s.items[idx], hist_len),
+                    "cand_item_ids": _list_array(cands.reshape(-1), cl),
+                    "labels": pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(cl)].astype(np.int32)),
+                                                       pa.array(labels.reshape(-1), type=pa.float32()))}
         if s.ts is not None:
             cols["hist_ts"] = _list_array(s.ts[idx], hist_len)
         if self.use_actions:
@@ -266,6 +293,39 @@ class NextItemLoader(LoaderPosition):
         for batch in _prefetch(gen(), self.d.prefetch_batches):
             self.state.step += 1
             yield batch
+
+
+# ------------------------------------------------------------------------------------ all-position loss
+def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.Tensor,
+                      hist_lengths: torch.Tensor, num_negatives: int) -> tuple[torch.Tensor, int]:
+    """Softmax cross-entropy of every position's next event against the user's sampled negatives.
+
+    states (T, D): causal states, jagged by hist_lengths (B,). cand (Tc, D) / cand_ids (Tc,): per user its
+    hist_length targets (target of position t = the event after t) followed by `num_negatives` negatives.
+    A negative equal to a position's target is left out of that position's softmax. Returns (sum of the
+    per-position losses, number of positions)."""
+    B = hist_lengths.numel()
+    S = num_negatives
+    T = states.shape[0]
+    hl = hist_lengths.long()
+    if int(hl.sum()) != T:
+        raise ValueError(f"states has {T} rows but hist_lengths sum to {int(hl.sum())}")
+    cl = hl + S
+    if int(cl.sum()) != cand.shape[0]:
+        raise ValueError(f"cand has {cand.shape[0]} rows; expected sum(hist_lengths + num_negatives) = "
+                         f"{int(cl.sum())}")
+    seg = segment_ids(hl)
+    h_off = torch.cumsum(hl, 0) - hl
+    c_off = torch.cumsum(cl, 0) - cl
+    tgt_idx = c_off[seg] + (torch.arange(T, device=hl.device) - h_off[seg])
+    neg_idx = (c_off + hl)[:, None] + torch.arange(S, device=hl.device)[None, :]        # (B, S)
+    pos = (states * cand[tgt_idx]).sum(-1)                                               # (T,)
+    padded, mask = jagged_to_padded(states, hl)                                          # (B, N, D)
+    neg = torch.bmm(padded, cand[neg_idx].transpose(1, 2))[mask]                         # (T, S)
+    clash = cand_ids[neg_idx][seg] == cand_ids[tgt_idx][:, None]
+    neg = neg.masked_fill(clash, float("-inf"))
+    loss = torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos
+    return loss.sum(), T
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -295,6 +355,64 @@ class NextItemTrainer(Trainer):
             raise ValueError("next_item.eval_protocols has 'full' but model.set_layer=true makes a candidate's "
                              "score depend on the other candidates; full-catalogue ranking needs set_layer=false")
         self._tables: Dict[str, pa.Table] = {}
+        self.head = tower_head(cfg)
+
+    # ------------------------------------------------------------------------ all-position training
+    def train_step(self, batch: Batch) -> Dict[str, float]:
+        if self.head != "states":
+            return super().train_step(batch)
+        L = self.layout
+        batch = batch.to(L.device)
+        self.engine.train()
+        self.dmp.train()
+        W = float(L.world_size)
+        ec_out, ebc_out = self.dmp(batch.features, batch.user_features)
+        inp = tower_inputs(ec_out, ebc_out, batch, grad_scale=1.0 / W, dtype=self.dtype)
+        states = self.engine(hist=inp["hist"], hist_lengths=batch.hist_lengths, mode="states").float()
+        loss_sum, count = all_position_loss(states, inp["cand"].float(), batch.features[CAND_ITEM].values(),
+                                            batch.hist_lengths, self.cfg.next_item.train_negatives)
+        (n,) = self._global(count)
+        loss = loss_sum / max(n, 1.0)
+        # as Trainer.train_step: DeepSpeed averages the tower's gradients over ranks, TorchRec sums
+        self.engine.backward(loss * W)
+        self.engine.step()
+        self.global_step += 1
+        (total,) = self._global(loss.detach())
+        return {"loss": total, "candidates": n}
+
+    def _last_states(self, batch: Batch) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(B, D) state of each request's last history position (zero for an empty history), and the tower
+        inputs (for the candidates' embeddings)."""
+        ec_out, ebc_out = self.dmp(batch.features, batch.user_features)
+        inp = tower_inputs(ec_out, ebc_out, batch, dtype=self.dtype)
+        hl = batch.hist_lengths.long()
+        states = self.engine(hist=inp["hist"], hist_lengths=hl, mode="states").float()
+        last = torch.zeros(hl.numel(), states.shape[1], dtype=states.dtype, device=states.device)
+        has = hl > 0
+        last[has] = states[(torch.cumsum(hl, 0) - 1)[has]]
+        return last, inp
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        """Logits of the batch's candidates (jagged by cand_lengths), whichever head the tower has."""
+        if self.head != "states":
+            return self.forward(batch)
+        last, inp = self._last_states(batch)
+        seg = segment_ids(batch.cand_lengths.long())
+        return (inp["cand"].float() * last[seg]).sum(-1)
+
+    def _item_embeddings(self) -> torch.Tensor:
+        """(num_items, D) embeddings of every item id (row 0 = padding), looked up through the sharded table
+        (one request whose candidates are the whole catalogue)."""
+        I = self.meta.num_items
+        ids = np.arange(I, dtype=np.int64)
+        t = pa.table({"user_id": pa.array([int(self.seqs.user_ids[0])]),
+                      "hist_item_ids": _list_array(np.array([1]), np.array([1])),
+                      "cand_item_ids": _list_array(ids, np.array([I])),
+                      "labels": pa.ListArray.from_arrays(pa.array([0, I], type=pa.int32()),
+                                                         pa.array(np.zeros(I, np.float32)))})
+        batch = collate(t).to(self.layout.device)
+        ec_out, ebc_out = self.dmp(batch.features, batch.user_features)
+        return tower_inputs(ec_out, ebc_out, batch, dtype=self.dtype)["cand"].float()
 
     def split_table(self, split: str) -> pa.Table:
         if split == self.cfg.eval.split:
@@ -344,7 +462,7 @@ class NextItemTrainer(Trainer):
         for i, batch in enumerate(loader.epoch(0)):
             if max_batches and i >= max_batches:
                 break
-            logits = self.forward(batch.to(L.device)).cpu()
+            logits = self.score(batch.to(L.device)).cpu()
             sums += metric_sums(jagged_target_ranks(logits, batch.labels, batch.cand_lengths), ni.topk)
         return sums
 
@@ -354,6 +472,7 @@ class NextItemTrainer(Trainer):
         bu = max(1, min(cfg.data.eval_batch_size, ni.eval_chunk_pairs))
         chunk = max(1, ni.eval_chunk_pairs // bu)
         sums = torch.zeros(4, dtype=torch.float64)
+        items = self._item_embeddings() if self.head == "states" else None
         # this rank's rows (same split as eval_loader), in length-sorted order to cut padding
         plan = BatchPlan(pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False), bu,
                          dp_rank=L.dp_rank, dp_size=L.dp, shuffle=False, drop_last=False, bucket_batches=8)
@@ -369,7 +488,14 @@ class NextItemTrainer(Trainer):
             target = torch.tensor([c[int(np.argmax(lab))] for c, lab in zip(cands, labels)])
             scores = torch.full((B, I), float("-inf"))
             base = sub.drop_columns(["cand_item_ids", "labels"])
-            for lo in range(1, I, chunk):
+            if items is not None:  # dot-product head: one state per user against every item embedding
+                one = base.append_column("cand_item_ids", _list_array(target.numpy(), np.ones(B, np.int64))).append_column(
+                    "labels", pa.ListArray.from_arrays(pa.array(np.arange(B + 1, dtype=np.int32)),
+                                                       pa.array(np.ones(B, np.float32))))
+                last, _ = self._last_states(collate(one, max_hist_len=cfg.data.max_hist_len).to(L.device))
+                scores = (last @ items.T).cpu()
+                scores[:, 0] = float("-inf")
+            for lo in range(1, I, chunk) if items is None else ():
                 hi = min(I, lo + chunk)
                 ids = np.arange(lo, hi, dtype=np.int64)
                 n = hi - lo

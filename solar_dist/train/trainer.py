@@ -31,7 +31,7 @@ from ..data.factory import build_train_loader
 from ..data.loader import eval_loader
 from ..data.schema import DatasetMeta, dataset_exists, read_split
 from ..model.losses import loss_parts
-from ..model.solar import tower_inputs
+from ..model.solar import tower_head, tower_inputs
 from ..model.sparse import SparseArch, TableSizes
 from ..model.tower import SolarTower
 from ..parallel.engine import init_engine
@@ -113,7 +113,7 @@ class Trainer:
         self.dmp, self.plan = shard(cfg, sparse, table_names, L.device, L.backend)
         init_sharded_tables_(self.dmp, cfg.embedding.init_std, cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        tower = SolarTower(cfg.model, cfg.embedding.dim).to(L.device)
+        tower = SolarTower(cfg.model, cfg.embedding.dim, head=tower_head(cfg)).to(L.device)
         self.engine = init_engine(cfg, tower, L.world_size)
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else None
         self.global_step = 0
