@@ -65,3 +65,21 @@ def test_cli_rejects_bad_config_before_work(capsys, tmp_path):
     assert rc == 2
     assert "model.rank" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (REPO / "configs").glob("*.yaml")
+                                        if not p.name.startswith("tune_")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.data.path
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["model.attention=linear"], "no causal form"),
+    (["parallel.sp=2"], "parallel.sp=2"),
+    (["next_item.train_negatives=0"], "train_negatives=0"),
+])
+def test_all_positions_rejects_what_it_cannot_run(override, needle):
+    base = ["data.task=next_item", "next_item.train_mode=all_positions"]
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, base + override)
