@@ -119,7 +119,8 @@ def _tool_main(module: str, argv: Sequence[str]) -> int:
     return int(mod.main(list(argv)) or 0)
 
 
-BENCHES = {"attention": "bench_attention", "train": "bench_train", "data": "bench_data", "quality": "eval_real"}
+BENCHES = {"attention": "bench_attention", "causal": "bench_causal", "train": "bench_train", "data": "bench_data",
+           "quality": "eval_real"}
 
 
 def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--allow-empty-history", action="store_true")
     dsub.add_parser("convert", help="convert a public data set into the request schema", add_help=False)
-    b = sub.add_parser("bench", help="benchmarks: attention | train | data | quality", add_help=False)
+    b = sub.add_parser("bench", help="benchmarks: attention | causal | train | data | quality", add_help=False)
     b.add_argument("what", choices=sorted(BENCHES))
     pl = sub.add_parser("plan", help="TorchRec sharding plan and memory for a cluster", add_help=False)
     pl.add_argument("config")

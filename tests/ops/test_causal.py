@@ -114,3 +114,18 @@ def test_bad_inputs_are_named():
         causal_attention(m, x, holes, 2)
     with pytest.raises(ValueError, match="x must have shape"):
         causal_attention(m, x[..., :4], mask, 2)
+
+
+def test_bench_causal_smoke(tmp_path, capsys):
+    """tools/bench_causal.py (`solar bench causal`): records for every kind and N, a table, the JSON file."""
+    import json
+
+    from solar_dist.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "causal", "--n", "16", "40", "--batch", "2", "--dim", "8", "--rank", "2", "--window", "4",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())
+    assert {(r["kind"], r["n"]) for r in recs} == {(k, n) for k in ("svd", "exact", "truncate") for n in (16, 40)}
+    assert all(r["seconds"] > 0 for r in recs)
+    assert "exact/svd" in capsys.readouterr().out

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Benchmark causal attention for next-item training at every position (solar_dist/ops/causal.py).
+
+Times `causal_attention` forward + backward, side by side in one run, for the three kinds over N:
+    svd       chunked-causal SVD-Attention: interests of each chunk boundary's prefix + a sliding window
+    exact     exact causal softmax over every earlier event, O(N²)
+    truncate  the sliding window alone (last-k truncation)
+Median of --repeats timed runs after one warm-up, all positions valid, --batch sequences per call.
+
+    python tools/bench_causal.py --n 200 800 2000 --batch 16 --window 32 --rank 16 --json out/bench_causal.json
+
+Prints a table (seconds, and exact/svd and svd/truncate ratios) and writes a JSON list of records
+{kind, n, batch, dim, heads, rank, window, svd_method, seconds}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from solar_dist.ops import SVDAttention  # noqa: E402
+from solar_dist.ops.causal import CAUSAL_KINDS, causal_attention  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=[200, 800, 2000])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--svd-method", default="randomized", choices=["randomized", "gram", "exact"])
+    p.add_argument("--kinds", nargs="+", default=list(CAUSAL_KINDS), choices=list(CAUSAL_KINDS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
+    p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def run(args) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    module = SVDAttention(args.dim, args.heads, args.rank, svd_method=args.svd_method, power_iters=1)
+    rel = torch.zeros(args.heads, args.window + 1, requires_grad=True)
+    records = []
+    for n in args.n:
+        x = torch.randn(args.batch, n, args.dim, requires_grad=True)
+        mask = torch.ones(args.batch, n, dtype=torch.bool)
+        for kind in args.kinds:
+            times = []
+            for i in range(args.repeats + 1):
+                t0 = time.perf_counter()
+                causal_attention(module, x, mask, args.window, rel, kind).square().mean().backward()
+                if i:  # the first call warms up
+                    times.append(time.perf_counter() - t0)
+            records.append({"kind": kind, "n": n, "batch": args.batch, "dim": args.dim, "heads": args.heads,
+                            "rank": args.rank, "window": args.window, "svd_method": args.svd_method,
+                            "seconds": statistics.median(times)})
+    return records
+
+
+def print_table(records) -> None:
+    by = {(r["n"], r["kind"]): r["seconds"] for r in records}
+    print(f"{'N':>6} | {'svd s':>8} | {'exact s':>8} | {'truncate s':>10} | {'exact/svd':>9} | {'svd/truncate':>12}")
+    for n in sorted({r["n"] for r in records}):
+        s, e, t = by.get((n, "svd")), by.get((n, "exact")), by.get((n, "truncate"))
+        f = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b else "-"  # noqa: E731
+        print(f"{n:>6} | {f(s):>8} | {f(e):>8} | {f(t):>10} | {ratio(e, s):>9} | {ratio(s, t):>12}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    records = run(args)
+    print_table(records)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
