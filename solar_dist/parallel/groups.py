@@ -11,6 +11,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -77,6 +78,7 @@ def init_distributed(sp: int = 1, backend: str = "auto", device: str = "auto") -
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(minutes=10))
+        release_deepspeed_shm_name()
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % sp != 0:
         raise ValueError(f"parallel.sp={sp} must divide the world size {world}")
@@ -96,6 +98,29 @@ def init_distributed(sp: int = 1, backend: str = "auto", device: str = "auto") -
     assert sp_group is not None and dp_group is not None
     return Layout(rank=rank, world_size=world, dp=dp, sp=sp, dp_rank=rank // sp, sp_rank=rank % sp,
                   local_rank=local_rank, device=dev, backend=backend, sp_group=sp_group, dp_group=dp_group)
+
+
+def deepspeed_shm_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce workspace of `rank` lives (ops/csrc/cpu/comm/shm.cpp names it
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>; POSIX shm lives in /dev/shm)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_deepspeed_shm_name() -> None:
+    """DeepSpeed's CPU backend creates a 66 MiB shared-memory workspace per rank when every rank is local
+    (LOCAL_SIZE == world size, as under its launcher) and never unlinks it: each run would leave one file
+    per rank in /dev/shm (RAM) for good, even after a clean exit. Every rank maps every peer's workspace
+    inside `deepspeed.init_distributed`; after a barrier the names are no longer needed, so each rank
+    unlinks its own. The mappings stay valid until the process exits, and a killed rank leaves nothing."""
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        deepspeed_shm_path(dist.get_rank()).unlink()
+    except FileNotFoundError:  # not created (ranks on several hosts, or no LOCAL_SIZE)
+        pass
 
 
 def shutdown() -> None:

@@ -20,13 +20,22 @@ def launch(nproc: int, run_dir: Path, data: Path, overrides: Sequence[str], time
     cmd = ["bash", str(REPO / "launch" / "local.sh"), str(nproc), str(REPO / "configs" / "quickstart.yaml"),
            *BASE, f"data.path={data}", f"train.run_dir={run_dir}", "data.if_missing=error", *overrides]
     env = launch_env()
+    shm_before = _deepspeed_shm()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if check:
         assert proc.returncode == 0, out[-6000:]
         # gloo teardown must be clean on every rank
         assert "terminate called" not in out, out[-6000:]
+    # DeepSpeed's per-rank shared-memory workspaces must not outlive the job (parallel/groups.py)
+    leaked = _deepspeed_shm() - shm_before
+    assert not leaked, f"/dev/shm files left behind by the job: {sorted(leaked)}"
     return proc
+
+
+def _deepspeed_shm() -> set:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
 
 
 RENDEZVOUS = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
