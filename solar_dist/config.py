@@ -189,6 +189,9 @@ class NextItemConfig:
     # tower's per-position states score items by dot product with their embeddings (ops/causal.py).
     train_mode: str = "prefix_samples"
     train_negatives: int = 128  # sampled negatives per training target (0 = full catalogue softmax)
+    # all_positions: every position's softmax holds the negatives of every user in the batch (B x
+    # train_negatives) instead of its own user's train_negatives
+    share_negatives: bool = False
     negative_sampler: str = "uniform"  # uniform | popularity
     cut_points_per_user: int = 0  # training samples per user per epoch (0 = every position)
     eval_protocols: List[str] = field(default_factory=lambda: ["sampled100", "full"])

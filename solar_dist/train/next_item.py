@@ -297,11 +297,14 @@ class NextItemLoader(LoaderPosition):
 
 # ------------------------------------------------------------------------------------ all-position loss
 def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.Tensor,
-                      hist_lengths: torch.Tensor, num_negatives: int) -> tuple[torch.Tensor, int]:
-    """Softmax cross-entropy of every position's next event against the user's sampled negatives.
+                      hist_lengths: torch.Tensor, num_negatives: int, share: bool = False
+                      ) -> tuple[torch.Tensor, int]:
+    """Softmax cross-entropy of every position's next event against sampled negatives.
 
     states (T, D): causal states, jagged by hist_lengths (B,). cand (Tc, D) / cand_ids (Tc,): per user its
     hist_length targets (target of position t = the event after t) followed by `num_negatives` negatives.
+    `share=False`: a position's softmax holds its user's negatives; `share=True`: the negatives of every user
+    of the batch (B·num_negatives per position, closer to a full-catalogue softmax at the same lookups).
     A negative equal to a position's target is left out of that position's softmax. Returns (sum of the
     per-position losses, number of positions)."""
     B = hist_lengths.numel()
@@ -320,9 +323,14 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
     tgt_idx = c_off[seg] + (torch.arange(T, device=hl.device) - h_off[seg])
     neg_idx = (c_off + hl)[:, None] + torch.arange(S, device=hl.device)[None, :]        # (B, S)
     pos = (states * cand[tgt_idx]).sum(-1)                                               # (T,)
-    padded, mask = jagged_to_padded(states, hl)                                          # (B, N, D)
-    neg = torch.bmm(padded, cand[neg_idx].transpose(1, 2))[mask]                         # (T, S)
-    clash = cand_ids[neg_idx][seg] == cand_ids[tgt_idx][:, None]
+    if share:
+        pool = neg_idx.reshape(-1)
+        neg = states @ cand[pool].T                                                      # (T, B*S)
+        clash = cand_ids[pool][None, :] == cand_ids[tgt_idx][:, None]
+    else:
+        padded, mask = jagged_to_padded(states, hl)                                      # (B, N, D)
+        neg = torch.bmm(padded, cand[neg_idx].transpose(1, 2))[mask]                     # (T, S)
+        clash = cand_ids[neg_idx][seg] == cand_ids[tgt_idx][:, None]
     neg = neg.masked_fill(clash, float("-inf"))
     loss = torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos
     return loss.sum(), T
@@ -370,7 +378,8 @@ class NextItemTrainer(Trainer):
         inp = tower_inputs(ec_out, ebc_out, batch, grad_scale=1.0 / W, dtype=self.dtype)
         states = self.engine(hist=inp["hist"], hist_lengths=batch.hist_lengths, mode="states").float()
         loss_sum, count = all_position_loss(states, inp["cand"].float(), batch.features[CAND_ITEM].values(),
-                                            batch.hist_lengths, self.cfg.next_item.train_negatives)
+                                            batch.hist_lengths, self.cfg.next_item.train_negatives,
+                                            share=self.cfg.next_item.share_negatives)
         (n,) = self._global(count)
         loss = loss_sum / max(n, 1.0)
         # as Trainer.train_step: DeepSpeed averages the tower's gradients over ranks, TorchRec sums

@@ -199,7 +199,8 @@ def test_all_position_samples_are_the_training_sequence(tmp_path, max_len):
     assert set(users) <= eligible
 
 
-def test_all_position_loss_matches_direct_computation():
+@pytest.mark.parametrize("share", [False, True])
+def test_all_position_loss_matches_direct_computation(share):
     gen = torch.Generator().manual_seed(0)
     hl = torch.tensor([3, 1, 4])
     S, D = 5, 6
@@ -209,13 +210,16 @@ def test_all_position_loss_matches_direct_computation():
         ids += list(range(1, n + 1)) + [2, 9, 1, 7, 3]  # negatives 2, 1 and 3 clash with some targets
     cand_ids = torch.tensor(ids)
     cand = torch.randn(len(ids), D, generator=gen, dtype=torch.float64)
-    got, count = all_position_loss(states, cand, cand_ids, hl, S)
+    got, count = all_position_loss(states, cand, cand_ids, hl, S, share=share)
+    starts = (torch.cumsum(hl + S, 0) - (hl + S)).tolist()
+    pool = [(st + n + j) for st, n in zip(starts, hl.tolist()) for j in range(S)]  # every user's negatives
     want, t, c0 = 0.0, 0, 0
     for n in hl.tolist():
         for p in range(n):
             s = states[t]
+            negs = pool if share else [c0 + n + j for j in range(S)]
             logits = [float(s @ cand[c0 + p])]
-            logits += [float(s @ cand[c0 + n + j]) for j in range(S) if ids[c0 + n + j] != ids[c0 + p]]
+            logits += [float(s @ cand[k]) for k in negs if ids[k] != ids[c0 + p]]
             want += float(torch.logsumexp(torch.tensor(logits, dtype=torch.float64), 0)) - logits[0]
             t += 1
         c0 += n + S
