@@ -183,8 +183,6 @@ class SolarTower(nn.Module):
             if sp_group is not None:
                 raise ValueError("mode='states' runs whole sequences on one rank; sp_group must be None")
             return self.states(hist, hist_lengths)
-        if mode != "rank":
-            raise ValueError(f"mode must be 'rank' or 'states', got {mode!r}")
         if cand is None or cand_lengths is None or user is None:
             raise ValueError("mode='rank' needs cand, cand_lengths and user")
         if hist_pos_from_end is None:

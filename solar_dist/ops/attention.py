@@ -249,15 +249,20 @@ class SVDAttention(_AttentionBase):
                                     basis_grad=self.basis_grad, tol=self.tol, oversample=self.oversample,
                                     power_iters=self.power_iters, sp_group=sp_group)
 
+    def interest_bias(self, it):
+        """(B, r) additive score bias of the interests: log m_i with `mass_bias` (0 on dead components), else
+        None."""
+        if not self.mass_bias:
+            return None
+        return torch.where(it.alive, it.mass.clamp_min(1e-30).log(), torch.zeros_like(it.mass))
+
     def forward(self, query, memory, memory_mask, *, query_mask=None, extra_kv=None, extra_mask=None,
                 sp_group=None):
         extra_mask = self._check_inputs(query, memory, memory_mask, query_mask, extra_kv, extra_mask)
         before = COMM_STATS.bytes_all_reduced
         it = self.interests(memory, memory_mask, sp_group)
         self.last_comm_bytes = COMM_STATS.bytes_all_reduced - before
-        bias = None
-        if self.mass_bias:
-            bias = torch.where(it.alive, it.mass.clamp_min(1e-30).log(), torch.zeros_like(it.mass))
+        bias = self.interest_bias(it)
         kv, kv_mask, kv_bias = self._join(it.z.to(query.dtype), it.alive, bias, extra_kv, extra_mask)
         return self._attend_small(query, kv, kv_mask, kv_bias, query_mask)
 

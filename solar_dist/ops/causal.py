@@ -91,7 +91,6 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
     if rel_bias is not None:
         s_win = s_win + rel_bias[:, off.clamp(0, C - 1)].to(s_win.dtype)[None, None]
     m_win = band[None, None, None] & mw[:, :, None, None, :]              # (B,nC,1,C,2C)
-    o = None
     if kind == "svd":
         r = attn.rank
         zs, alive, bias = [x.new_zeros(B, r, D)], [mask.new_zeros(B, r)], [x.new_zeros(B, r)]
@@ -99,7 +98,8 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
             it = attn.interests(xm[:, : j * C], mask[:, : j * C])
             zs.append(it.z.to(x.dtype))
             alive.append(it.alive)
-            bias.append(torch.where(it.alive, it.mass.clamp_min(1e-30).log(), torch.zeros_like(it.mass)).to(x.dtype))
+            if attn.mass_bias:
+                bias.append(attn.interest_bias(it).to(x.dtype))
         z = torch.stack(zs, 1)                                             # (B,nC,r,D)
         ki = _heads(attn.k_proj(z), h)                                     # (B,nC,r,h,dh)
         vi = _heads(attn.v_proj(z), h)
