@@ -197,9 +197,16 @@ class NegativeSampler:
         raise RuntimeError("could not draw negatives different from the targets (catalogue too small?)")
 
 
-def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.Array:
+def _list_array(values: np.ndarray, lengths: np.ndarray, dtype=np.int64) -> pa.Array:
+    """Flat `values` cut into lists of `lengths` (int64 ids by default; np.float32 for labels)."""
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int64)))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values).astype(dtype)))
+
+
+def _with_candidates(base: pa.Table, cands: np.ndarray, lengths: np.ndarray, labels: np.ndarray) -> pa.Table:
+    """`base` (requests without candidates) with the given candidate lists and their labels appended."""
+    return base.append_column("cand_item_ids", _list_array(cands, lengths)).append_column(
+        "labels", _list_array(labels, lengths, np.float32))
 
 
 class NextItemLoader(LoaderPosition):
@@ -249,28 +256,23 @@ class NextItemLoader(LoaderPosition):
             # candidates of a user: the next event of each history position, then n negatives for all of them
             tgt = s.items[idx + 1]
             negs = self.sampler.draw((len(users), n), rng)
-            cl = hist_len + n
             offs = np.r_[0, np.cumsum(hist_len)]
             cands = np.concatenate([np.concatenate([tgt[a:b], g]) for a, b, g in zip(offs[:-1], offs[1:], negs)])
             labels = np.concatenate([np.r_[np.ones(m, np.float32), np.zeros(n, np.float32)] for m in hist_len])
-            cols = {"user_id": pa.array(s.user_ids[users]), "hist_item_ids": _list_array(s.items[idx], hist_len),
-                    "cand_item_ids": _list_array(cands, cl),
-                    "labels": pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(cl)].astype(np.int32)),
-                                                       pa.array(labels, type=pa.float32()))}
-        elif n > 0:
-            cands = np.concatenate([targets[:, None], self.sampler.sample(targets, n, rng)], axis=1)
-            labels = np.zeros(cands.shape, dtype=np.float32)
-            labels[:, 0] = 1.0
-        else:  # the whole catalogue (ids 1..num_items-1)
-            cat = np.arange(1, self.meta.num_items)
-            cands = np.broadcast_to(cat, (len(users), len(cat)))
-            labels = (cands == targets[:, None]).astype(np.float32)
-        if not self.all_positions:
+            cl = hist_len + n
+        else:
+            if n > 0:
+                cands = np.concatenate([targets[:, None], self.sampler.sample(targets, n, rng)], axis=1)
+                labels = np.zeros(cands.shape, dtype=np.float32)
+                labels[:, 0] = 1.0
+            else:  # the whole catalogue (ids 1..num_items-1)
+                cat = np.arange(1, self.meta.num_items)
+                cands = np.broadcast_to(cat, (len(users), len(cat)))
+                labels = (cands == targets[:, None]).astype(np.float32)
             cl = np.full(len(users), cands.shape[1])
-            cols = {"user_id": pa.array(s.user_ids[users]), "hist_item_ids": _list_array(s.items[idx], hist_len),
-                    "cand_item_ids": _list_array(cands.reshape(-1), cl),
-                    "labels": pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(cl)].astype(np.int32)),
-                                                       pa.array(labels.reshape(-1), type=pa.float32()))}
+        cols = {"user_id": pa.array(s.user_ids[users]), "hist_item_ids": _list_array(s.items[idx], hist_len),
+                "cand_item_ids": _list_array(cands.reshape(-1), cl),
+                "labels": _list_array(labels.reshape(-1), cl, np.float32)}
         if s.ts is not None:
             cols["hist_ts"] = _list_array(s.ts[idx], hist_len)
         if self.use_actions:
@@ -366,36 +368,30 @@ class NextItemTrainer(Trainer):
         self.head = tower_head(cfg)
 
     # ------------------------------------------------------------------------ all-position training
-    def train_step(self, batch: Batch) -> Dict[str, float]:
+    def batch_loss(self, batch: Batch, world: float) -> tuple[torch.Tensor, float]:
+        """The states head: `all_position_loss` averaged over every position of every rank's batch (the
+        ranking head keeps Trainer's loss)."""
         if self.head != "states":
-            return super().train_step(batch)
-        L = self.layout
-        batch = batch.to(L.device)
-        self.engine.train()
-        self.dmp.train()
-        W = float(L.world_size)
-        ec_out, ebc_out = self.dmp(batch.features, batch.user_features)
-        inp = tower_inputs(ec_out, ebc_out, batch, grad_scale=1.0 / W, dtype=self.dtype)
-        states = self.engine(hist=inp["hist"], hist_lengths=batch.hist_lengths, mode="states").float()
+            return super().batch_loss(batch, world)
+        states, inp = self._states(batch, grad_scale=1.0 / world)
         loss_sum, count = all_position_loss(states, inp["cand"].float(), batch.features[CAND_ITEM].values(),
                                             batch.hist_lengths, self.cfg.next_item.train_negatives,
                                             share=self.cfg.next_item.share_negatives)
         (n,) = self._global(count)
-        loss = loss_sum / max(n, 1.0)
-        # as Trainer.train_step: DeepSpeed averages the tower's gradients over ranks, TorchRec sums
-        self.engine.backward(loss * W)
-        self.engine.step()
-        self.global_step += 1
-        (total,) = self._global(loss.detach())
-        return {"loss": total, "candidates": n}
+        return loss_sum / max(n, 1.0), n
+
+    def _states(self, batch: Batch, grad_scale: float = 1.0) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Causal states (T, D) of every history position (float32), and the tower inputs (the candidates'
+        embeddings among them)."""
+        ec_out, ebc_out = self.dmp(batch.features, batch.user_features)
+        inp = tower_inputs(ec_out, ebc_out, batch, grad_scale=grad_scale, dtype=self.dtype)
+        return self.engine(hist=inp["hist"], hist_lengths=batch.hist_lengths, mode="states").float(), inp
 
     def _last_states(self, batch: Batch) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(B, D) state of each request's last history position (zero for an empty history), and the tower
         inputs (for the candidates' embeddings)."""
-        ec_out, ebc_out = self.dmp(batch.features, batch.user_features)
-        inp = tower_inputs(ec_out, ebc_out, batch, dtype=self.dtype)
+        states, inp = self._states(batch)
         hl = batch.hist_lengths.long()
-        states = self.engine(hist=inp["hist"], hist_lengths=hl, mode="states").float()
         last = torch.zeros(hl.numel(), states.shape[1], dtype=states.dtype, device=states.device)
         has = hl > 0
         last[has] = states[(torch.cumsum(hl, 0) - 1)[has]]
@@ -413,13 +409,9 @@ class NextItemTrainer(Trainer):
         """(num_items, D) embeddings of every item id (row 0 = padding), looked up through the sharded table
         (one request whose candidates are the whole catalogue)."""
         I = self.meta.num_items
-        ids = np.arange(I, dtype=np.int64)
-        t = pa.table({"user_id": pa.array([int(self.seqs.user_ids[0])]),
-                      "hist_item_ids": _list_array(np.array([1]), np.array([1])),
-                      "cand_item_ids": _list_array(ids, np.array([I])),
-                      "labels": pa.ListArray.from_arrays(pa.array([0, I], type=pa.int32()),
-                                                         pa.array(np.zeros(I, np.float32)))})
-        batch = collate(t).to(self.layout.device)
+        base = pa.table({"user_id": pa.array([int(self.seqs.user_ids[0])]),
+                         "hist_item_ids": _list_array(np.array([1]), np.array([1]))})
+        batch = collate(_with_candidates(base, np.arange(I), np.array([I]), np.zeros(I))).to(self.layout.device)
         ec_out, ebc_out = self.dmp(batch.features, batch.user_features)
         return tower_inputs(ec_out, ebc_out, batch, dtype=self.dtype)["cand"].float()
 
@@ -495,25 +487,20 @@ class NextItemTrainer(Trainer):
             cands = sub.column("cand_item_ids").to_pylist()
             labels = sub.column("labels").to_pylist()
             target = torch.tensor([c[int(np.argmax(lab))] for c, lab in zip(cands, labels)])
-            scores = torch.full((B, I), float("-inf"))
             base = sub.drop_columns(["cand_item_ids", "labels"])
             if items is not None:  # dot-product head: one state per user against every item embedding
-                one = base.append_column("cand_item_ids", _list_array(target.numpy(), np.ones(B, np.int64))).append_column(
-                    "labels", pa.ListArray.from_arrays(pa.array(np.arange(B + 1, dtype=np.int32)),
-                                                       pa.array(np.ones(B, np.float32))))
+                one = _with_candidates(base, target.numpy(), np.ones(B), np.ones(B))
                 last, _ = self._last_states(collate(one, max_hist_len=cfg.data.max_hist_len).to(L.device))
                 scores = (last @ items.T).cpu()
                 scores[:, 0] = float("-inf")
-            for lo in range(1, I, chunk) if items is None else ():
-                hi = min(I, lo + chunk)
-                ids = np.arange(lo, hi, dtype=np.int64)
-                n = hi - lo
-                cl = np.full(B, n)
-                t = base.append_column("cand_item_ids", _list_array(np.tile(ids, B), cl)).append_column(
-                    "labels", pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(cl)].astype(np.int32)),
-                                                       pa.array(np.zeros(B * n, np.float32))))
-                batch = collate(t, max_hist_len=cfg.data.max_hist_len)
-                scores[:, lo:hi] = self.forward(batch.to(L.device)).float().cpu().view(B, n)
+            else:  # target-aware head: every item is a candidate, scored in chunks
+                scores = torch.full((B, I), float("-inf"))
+                for lo in range(1, I, chunk):
+                    hi = min(I, lo + chunk)
+                    n = hi - lo
+                    t = _with_candidates(base, np.tile(np.arange(lo, hi), B), np.full(B, n), np.zeros(B * n))
+                    batch = collate(t, max_hist_len=cfg.data.max_hist_len)
+                    scores[:, lo:hi] = self.forward(batch.to(L.device)).float().cpu().view(B, n)
             exclude = torch.zeros(B, I, dtype=torch.bool)
             exclude[:, 0] = True  # padding id
             hist = sub.column("hist_item_ids").combine_chunks()

@@ -140,13 +140,12 @@ class Trainer:
             dist.all_reduce(t, op=op)
         return t.tolist()
 
-    def train_step(self, batch: Batch) -> Dict[str, float]:
+    def batch_loss(self, batch: Batch, world: float) -> tuple[torch.Tensor, float]:
+        """(loss, number of candidates it averages over, all ranks) of this rank's share of a training batch.
+        Its normalisation is global (sums over every rank's count), so `loss * world` through DeepSpeed's
+        gradient mean gives the global gradient; the embedding path is scaled by 1/world (tower_inputs)."""
         L, lc = self.layout, self.cfg.loss
-        batch = split_for_sp(batch, L.sp_rank, L.sp).to(L.device)
-        self.engine.train()
-        self.dmp.train()
-        W = float(L.world_size)
-        logits = self.forward(batch, grad_scale=1.0 / W)
+        logits = self.forward(batch, grad_scale=1.0 / world)
         parts = loss_parts(logits, batch.labels, batch.cand_lengths, listwise=lc.listwise_weight > 0,
                            sp_group=L.tower_sp_group)
         n_bce, n_lw = self._global(parts.bce_count, parts.listwise_count)
@@ -155,11 +154,20 @@ class Trainer:
             loss = loss + lc.bce_weight * parts.bce_sum / max(n_bce, 1.0)
         if lc.listwise_weight > 0:
             loss = loss + lc.listwise_weight * parts.listwise_sum / max(n_lw, 1.0)
+        return loss, n_bce
+
+    def train_step(self, batch: Batch) -> Dict[str, float]:
+        L = self.layout
+        batch = split_for_sp(batch, L.sp_rank, L.sp).to(L.device)
+        self.engine.train()
+        self.dmp.train()
+        W = float(L.world_size)
+        loss, count = self.batch_loss(batch, W)
         self.engine.backward(loss * W)
         self.engine.step()
         self.global_step += 1
         (total,) = self._global(loss.detach())
-        return {"loss": total, "candidates": n_bce}
+        return {"loss": total, "candidates": count}
 
     # ------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
