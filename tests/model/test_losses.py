@@ -2,7 +2,9 @@
 import torch
 import torch.nn.functional as F
 
-from solar_dist.model.losses import loss_parts
+import pytest
+
+from solar_dist.model.losses import catalogue_logsumexp, loss_parts
 
 
 def test_listwise_matches_per_request_cross_entropy():
@@ -35,3 +37,30 @@ def test_listwise_stable_for_huge_logits():
     parts = loss_parts(logits, labels, lengths)
     assert torch.isfinite(parts.listwise_sum)
     assert abs(parts.listwise_sum.item() - torch.log(torch.tensor(2.0)).item()) < 1e-4
+
+
+@pytest.mark.parametrize("T, I, max_scores", [(1, 1, 1), (7, 5, 3), (50, 33, 64), (64, 10, 1 << 20), (0, 4, 8)])
+def test_catalogue_logsumexp_matches_its_twin(T, I, max_scores):
+    """Chunked forward and recomputing backward equal torch.logsumexp(states @ items.T) and its autograd,
+    for chunks smaller than one row of scores, uneven last chunks, one chunk and no rows."""
+    gen = torch.Generator().manual_seed(T * 31 + I)
+    s = torch.randn(T, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    it = (3 * torch.randn(I, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(T, generator=gen, dtype=torch.float64)
+    got = catalogue_logsumexp(s, it, max_scores=max_scores)
+    gs, gi = torch.autograd.grad(got, (s, it), g)
+    want = torch.logsumexp(s @ it.T, 1)
+    ws, wi = torch.autograd.grad(want, (s, it), g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gs, ws, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gi, wi, rtol=1e-10, atol=1e-12)
+
+
+def test_catalogue_logsumexp_is_stable_and_names_bad_input():
+    s = torch.tensor([[1000.0, 0.0]])
+    it = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert torch.isfinite(catalogue_logsumexp(s, it)).all()
+    with pytest.raises(ValueError, match="share D"):
+        catalogue_logsumexp(s, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="empty"):
+        catalogue_logsumexp(s, torch.zeros(0, 2))
