@@ -111,6 +111,9 @@ class ModelConfig:
     # Next-item training at every position (next_item.train_mode=all_positions): chunk and sliding-window
     # length of causal SVD-Attention (ops/causal.py); `truncate` uses truncate_k instead.
     causal_window: int = 32
+    # how causal SVD-Attention gets the interests of each chunk-boundary prefix: cumulative (running Gram
+    # sums, O(N·D²), needs basis_grad=full) | recompute (svd_method on every prefix, O(N²/C·D·r))
+    causal_prefix: str = "cumulative"
 
 
 @dataclass
@@ -190,7 +193,8 @@ class NextItemConfig:
     train_mode: str = "prefix_samples"
     train_negatives: int = 128  # sampled negatives per training target (0 = full catalogue softmax)
     # all_positions: every position's softmax holds the negatives of every user in the batch (B x
-    # train_negatives) instead of its own user's train_negatives
+    # train_negatives) instead of its own user's train_negatives (train_negatives=0: the catalogue, looked up
+    # once per batch)
     share_negatives: bool = False
     negative_sampler: str = "uniform"  # uniform | popularity
     cut_points_per_user: int = 0  # training samples per user per epoch (0 = every position)
@@ -253,6 +257,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "data.task": ("ranking", "next_item"),
     "next_item.negative_sampler": ("uniform", "popularity"),
     "next_item.train_mode": ("prefix_samples", "all_positions"),
+    "model.causal_prefix": ("cumulative", "recompute"),
     "tune.mode": ("max", "min"),
     "data.loader": ("pyarrow", "ray"),
     "embedding.optimizer": ("rowwise_adagrad", "adagrad", "adam", "sgd"),
@@ -358,9 +363,12 @@ def validate(cfg: Any) -> None:
         if cfg.parallel.sp != 1:
             raise ConfigError(f"parallel.sp={cfg.parallel.sp}: next_item.train_mode=all_positions runs the causal "
                               f"tower on whole sequences (use data parallelism, parallel.sp=1)")
-        if cfg.next_item.train_negatives < 1:
-            raise ConfigError("next_item.train_negatives=0 (full catalogue) is not supported with train_mode="
-                              "all_positions; give a number of sampled negatives per user (e.g. 128)")
+        if cfg.model.attention == "svd" and cfg.model.causal_prefix == "cumulative" and cfg.model.basis_grad != "full":
+            raise ConfigError(f"model.causal_prefix=cumulative differentiates through the basis; model.basis_grad="
+                              f"{cfg.model.basis_grad!r} needs model.causal_prefix=recompute")
+        if cfg.next_item.train_negatives == 0 and cfg.next_item.share_negatives:
+            raise ConfigError("next_item.share_negatives=true pools sampled negatives, but train_negatives=0 "
+                              "already scores every position against the full catalogue; drop one of them")
     for name in cfg.next_item.eval_protocols:
         if name not in ("sampled100", "full"):
             raise ConfigError(f"next_item.eval_protocols contains {name!r}; allowed: ['sampled100', 'full']")

@@ -77,7 +77,9 @@ def test_every_shipped_config_loads(path):
 @pytest.mark.parametrize("override, needle", [
     (["model.attention=linear"], "no causal form"),
     (["parallel.sp=2"], "parallel.sp=2"),
-    (["next_item.train_negatives=0"], "train_negatives=0"),
+    (["next_item.train_negatives=0", "next_item.share_negatives=true"], "share_negatives=true"),
+    (["model.basis_grad=detach"], "causal_prefix=recompute"),
+    (["model.causal_prefix=gram"], "causal_prefix"),
 ])
 def test_all_positions_rejects_what_it_cannot_run(override, needle):
     base = ["data.task=next_item", "next_item.train_mode=all_positions"]

@@ -49,6 +49,7 @@ from ..data.batch import CAND_ITEM, Batch, collate
 from ..data.loader import BatchPlan, LoaderPosition, LoaderState, _prefetch, eval_loader
 from ..data.schema import DatasetMeta, dataset_exists, read_split
 from ..model.jagged import jagged_to_padded, segment_ids
+from ..model.losses import catalogue_logsumexp
 from ..model.solar import tower_head, tower_inputs
 from .trainer import Trainer
 
@@ -255,11 +256,20 @@ class NextItemLoader(LoaderPosition):
         if self.all_positions:
             # candidates of a user: the next event of each history position, then n negatives for all of them
             tgt = s.items[idx + 1]
-            negs = self.sampler.draw((len(users), n), rng)
-            offs = np.r_[0, np.cumsum(hist_len)]
-            cands = np.concatenate([np.concatenate([tgt[a:b], g]) for a, b, g in zip(offs[:-1], offs[1:], negs)])
-            labels = np.concatenate([np.r_[np.ones(m, np.float32), np.zeros(n, np.float32)] for m in hist_len])
-            cl = hist_len + n
+            if n == 0:  # full catalogue: every user's targets; the catalogue once, after the first user's
+                cat = np.arange(1, self.meta.num_items)
+                cands = np.concatenate([tgt[: hist_len[0]], cat, tgt[hist_len[0]:]])
+                labels = np.r_[np.ones(hist_len[0], np.float32), np.zeros(len(cat), np.float32),
+                               np.ones(len(tgt) - hist_len[0], np.float32)]
+                cl = hist_len.copy()
+                cl[0] += len(cat)
+            else:
+                negs = self.sampler.draw((len(users), n), rng)
+                offs = np.r_[0, np.cumsum(hist_len)]
+                cands = np.concatenate([np.concatenate([tgt[a:b], g])
+                                        for a, b, g in zip(offs[:-1], offs[1:], negs)])
+                labels = np.concatenate([np.r_[np.ones(m, np.float32), np.zeros(n, np.float32)] for m in hist_len])
+                cl = hist_len + n
         else:
             if n > 0:
                 cands = np.concatenate([targets[:, None], self.sampler.sample(targets, n, rng)], axis=1)
@@ -299,32 +309,45 @@ class NextItemLoader(LoaderPosition):
 
 # ------------------------------------------------------------------------------------ all-position loss
 def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.Tensor,
-                      hist_lengths: torch.Tensor, num_negatives: int, share: bool = False
+                      hist_lengths: torch.Tensor, num_negatives: int, share: bool = False, catalogue: int = 0
                       ) -> tuple[torch.Tensor, int]:
-    """Softmax cross-entropy of every position's next event against sampled negatives.
+    """Softmax cross-entropy of every position's next event against sampled negatives or the whole catalogue.
 
     states (T, D): causal states, jagged by hist_lengths (B,). cand (Tc, D) / cand_ids (Tc,): per user its
     hist_length targets (target of position t = the event after t) followed by `num_negatives` negatives.
     `share=False`: a position's softmax holds its user's negatives; `share=True`: the negatives of every user
     of the batch (B·num_negatives per position, closer to a full-catalogue softmax at the same lookups).
-    A negative equal to a position's target is left out of that position's softmax. Returns (sum of the
-    per-position losses, number of positions)."""
+    A negative equal to a position's target is left out of that position's softmax.
+    `catalogue` > 0 (num_negatives = 0): the first user's targets are followed by the `catalogue` item
+    embeddings (ids 1..catalogue, as NextItemLoader writes them), and every position's softmax runs over all
+    of them (SASRec+'s full cross-entropy; the target is one of them). Returns (sum of the per-position
+    losses, number of positions)."""
     B = hist_lengths.numel()
     S = num_negatives
     T = states.shape[0]
     hl = hist_lengths.long()
     if int(hl.sum()) != T:
         raise ValueError(f"states has {T} rows but hist_lengths sum to {int(hl.sum())}")
+    if catalogue and (S or share):
+        raise ValueError(f"catalogue={catalogue} (full softmax) excludes sampled negatives; got num_negatives={S}"
+                         f", share={share}")
     cl = hl + S
+    if catalogue and B:
+        cl[0] += catalogue
     if int(cl.sum()) != cand.shape[0]:
-        raise ValueError(f"cand has {cand.shape[0]} rows; expected sum(hist_lengths + num_negatives) = "
-                         f"{int(cl.sum())}")
+        raise ValueError(f"cand has {cand.shape[0]} rows; expected sum(hist_lengths + num_negatives) "
+                         f"+ catalogue = {int(cl.sum())}")
     seg = segment_ids(hl)
     h_off = torch.cumsum(hl, 0) - hl
     c_off = torch.cumsum(cl, 0) - cl
     tgt_idx = c_off[seg] + (torch.arange(T, device=hl.device) - h_off[seg])
-    neg_idx = (c_off + hl)[:, None] + torch.arange(S, device=hl.device)[None, :]        # (B, S)
     pos = (states * cand[tgt_idx]).sum(-1)                                               # (T,)
+    if catalogue:
+        lo = int(hl[0]) if B else 0
+        if B and not bool((cand_ids[lo: lo + catalogue] == torch.arange(1, catalogue + 1, device=hl.device)).all()):
+            raise ValueError(f"cand_ids after the first user's {lo} targets are not the catalogue 1..{catalogue}")
+        return (catalogue_logsumexp(states, cand[lo: lo + catalogue]) - pos).sum(), T
+    neg_idx = (c_off + hl)[:, None] + torch.arange(S, device=hl.device)[None, :]        # (B, S)
     if share:
         pool = neg_idx.reshape(-1)
         neg = states @ cand[pool].T                                                      # (T, B*S)
@@ -374,9 +397,10 @@ class NextItemTrainer(Trainer):
         if self.head != "states":
             return super().batch_loss(batch, world)
         states, inp = self._states(batch, grad_scale=1.0 / world)
+        ni = self.cfg.next_item
         loss_sum, count = all_position_loss(states, inp["cand"].float(), batch.features[CAND_ITEM].values(),
-                                            batch.hist_lengths, self.cfg.next_item.train_negatives,
-                                            share=self.cfg.next_item.share_negatives)
+                                            batch.hist_lengths, ni.train_negatives, share=ni.share_negatives,
+                                            catalogue=0 if ni.train_negatives else self.meta.num_items - 1)
         (n,) = self._global(count)
         return loss_sum / max(n, 1.0), n
 

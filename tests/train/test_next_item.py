@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from solar_dist.config import load_config
 from solar_dist.data.convert import convert
@@ -227,6 +228,48 @@ def test_all_position_loss_matches_direct_computation(share):
     assert abs(float(got) - want) < 1e-9
     with pytest.raises(ValueError, match="hist_lengths"):
         all_position_loss(states[:-1], cand, cand_ids, hl, S)
+
+
+def test_full_catalogue_loss_matches_direct_computation():
+    """catalogue > 0: the first user's targets, then items 1..I-1, then the other users' targets; every
+    position's loss is the CE of its target over the whole catalogue."""
+    gen = torch.Generator().manual_seed(1)
+    hl = torch.tensor([2, 3, 1])
+    I, D = 9, 4
+    table = torch.randn(I, D, generator=gen, dtype=torch.float64)
+    states = torch.randn(int(hl.sum()), D, generator=gen, dtype=torch.float64)
+    targets = [3, 8, 1, 1, 5, 2]
+    ids = targets[:2] + list(range(1, I)) + targets[2:]
+    cand_ids = torch.tensor(ids)
+    got, count = all_position_loss(states, table[cand_ids], cand_ids, hl, 0, catalogue=I - 1)
+    logits = states @ table[1:].T
+    want = F.cross_entropy(logits, torch.tensor(targets) - 1, reduction="sum")
+    assert count == 6 and abs(float(got) - float(want)) < 1e-10
+    with pytest.raises(ValueError, match="not the catalogue"):
+        all_position_loss(states, table[cand_ids], cand_ids.flip(0), hl, 0, catalogue=I - 1)
+    with pytest.raises(ValueError, match="excludes sampled negatives"):
+        all_position_loss(states, table[cand_ids], cand_ids, hl, 2, catalogue=I - 1)
+
+
+def test_full_catalogue_batches_carry_the_catalogue_once_and_train(tmp_path):
+    """train_negatives=0: each user's candidates are its targets; the catalogue follows the first user's
+    once per batch; a trainer step on it runs and lowers the loss on a repeated batch."""
+    root = _tiny_next_item_data(tmp_path)
+    cfg = load_config(None, NEXT_ITEM_TINY + ALL_POS + [f"data.path={root}", f"train.run_dir={tmp_path / 'run'}",
+                                                        "next_item.train_negatives=0", "data.batch_size=4"])
+    tr = make_trainer(cfg)
+    try:
+        I = tr.meta.num_items
+        batch = next(iter(tr.loader.epoch(0)))
+        hl, cl = batch.hist_lengths, batch.cand_lengths
+        assert int(cl[0]) == int(hl[0]) + I - 1 and torch.equal(cl[1:], hl[1:])
+        c0 = batch.features["cand_item"].values()[: int(cl[0])]
+        assert c0[int(hl[0]):].tolist() == list(range(1, I))
+        assert int(batch.labels.sum()) == int(hl.sum())
+        losses = [float(tr.train_step(batch)["loss"]) for _ in range(4)]
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    finally:
+        tr.close()
 
 
 def test_all_position_states_do_not_depend_on_the_future(tmp_path):
