@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Benchmark causal attention for next-item training at every position (solar_dist/ops/causal.py).
 
-Times `causal_attention` forward + backward, side by side in one run, for the three kinds over N:
-    svd       chunked-causal SVD-Attention: interests of each chunk boundary's prefix + a sliding window
+Times `causal_attention` forward + backward, side by side in one run, for the kinds over N:
+    svd       chunked-causal SVD-Attention: interests of each chunk boundary's prefix (running Gram sums,
+              prefix="cumulative") + a sliding window
+    svd_recompute  the same, every prefix factorised again with --svd-method (prefix="recompute")
     exact     exact causal softmax over every earlier event, O(N²)
     truncate  the sliding window alone (last-k truncation)
 Median of --repeats timed runs after one warm-up, all positions valid, --batch sequences per call.
@@ -28,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from solar_dist.ops import SVDAttention  # noqa: E402
 from solar_dist.ops.causal import CAUSAL_KINDS, causal_attention  # noqa: E402
 
+BENCH_KINDS = CAUSAL_KINDS + ("svd_recompute",)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--svd-method", default="randomized", choices=["randomized", "gram", "exact"])
-    p.add_argument("--kinds", nargs="+", default=list(CAUSAL_KINDS), choices=list(CAUSAL_KINDS))
+    p.add_argument("--kinds", nargs="+", default=list(BENCH_KINDS), choices=list(BENCH_KINDS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
     p.add_argument("--json", type=Path, default=None)
@@ -56,10 +60,11 @@ def run(args) -> list[dict]:
         x = torch.randn(args.batch, n, args.dim, requires_grad=True)
         mask = torch.ones(args.batch, n, dtype=torch.bool)
         for kind in args.kinds:
+            op_kind, prefix = ("svd", "recompute") if kind == "svd_recompute" else (kind, "cumulative")
             times = []
             for i in range(args.repeats + 1):
                 t0 = time.perf_counter()
-                causal_attention(module, x, mask, args.window, rel, kind).square().mean().backward()
+                causal_attention(module, x, mask, args.window, rel, op_kind, prefix).square().mean().backward()
                 if i:  # the first call warms up
                     times.append(time.perf_counter() - t0)
             records.append({"kind": kind, "n": n, "batch": args.batch, "dim": args.dim, "heads": args.heads,
@@ -70,12 +75,14 @@ def run(args) -> list[dict]:
 
 def print_table(records) -> None:
     by = {(r["n"], r["kind"]): r["seconds"] for r in records}
-    print(f"{'N':>6} | {'svd s':>8} | {'exact s':>8} | {'truncate s':>10} | {'exact/svd':>9} | {'svd/truncate':>12}")
+    print(f"{'N':>6} | {'svd s':>8} | {'svd recompute s':>15} | {'exact s':>8} | {'truncate s':>10} | "
+          f"{'exact/svd':>9} | {'recompute/svd':>13} | {'svd/truncate':>12}")
     for n in sorted({r["n"] for r in records}):
-        s, e, t = by.get((n, "svd")), by.get((n, "exact")), by.get((n, "truncate"))
+        s, c, e, t = (by.get((n, k)) for k in ("svd", "svd_recompute", "exact", "truncate"))
         f = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b else "-"  # noqa: E731
-        print(f"{n:>6} | {f(s):>8} | {f(e):>8} | {f(t):>10} | {ratio(e, s):>9} | {ratio(s, t):>12}")
+        print(f"{n:>6} | {f(s):>8} | {f(c):>15} | {f(e):>8} | {f(t):>10} | {ratio(e, s):>9} | "
+              f"{ratio(c, s):>13} | {ratio(s, t):>12}")
 
 
 def main(argv=None) -> int:

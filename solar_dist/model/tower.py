@@ -82,11 +82,12 @@ class SolarBlock(nn.Module):
                                  f"{sorted(CAUSAL_KIND)}")
             self.window = cfg.truncate_k if cfg.attention == "truncate" else cfg.causal_window
             self.rel_bias = nn.Parameter(torch.zeros(cfg.num_heads, self.window + 1))
+            self.causal_prefix = cfg.causal_prefix
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         h = self.norm1(x)
         if self.causal:
-            a = causal_attention(self.attn, h, mask, self.window, self.rel_bias, self.causal_kind)
+            a = causal_attention(self.attn, h, mask, self.window, self.rel_bias, self.causal_kind, self.causal_prefix)
         else:
             a = self.attn(h, h, mask, query_mask=mask, sp_group=sp_group)
         x = x + self.drop(a)

@@ -13,9 +13,10 @@ sample per cut point), position t may only see events <= t. Three kinds, one sig
                     per-head bias for each offset t-s in [0, C).
                 Nothing at or after the chunk boundary jC enters the interests, and nothing after t enters the
                 window, so no event after t reaches position t (tests check gradients are exactly zero).
-                Cost per user: O(N·C·D) for the windows plus the interests of N/C prefixes, O(N²/C·D·r) with
-                the randomized method (a cumulative-Gram variant would make this O(N·D²); not needed while
-                histories are truncated to a few hundred events for this training mode).
+                Cost per user: O(N·C·D) for the windows plus the interests of N/C prefixes. By default
+                (``prefix="cumulative"``) these come from running sums of per-chunk Gram matrices, one D×D
+                eigh per boundary: O(N·D² + (N/C)·D³), linear in N. ``prefix="recompute"`` factorises each
+                prefix with the module's svd_method instead, O(N²/C·D·r).
   ``exact``     the baseline: exact causal softmax over all s <= t; offsets < C get the same learned bias,
                 older ones one shared "far" bias. O(N²·D).
   ``truncate``  the window alone (the last C events): last-k truncation.
@@ -31,7 +32,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .interests import prefix_interests
+
 CAUSAL_KINDS = ("svd", "exact", "truncate")
+CAUSAL_PREFIXES = ("cumulative", "recompute")
 
 
 def _check(attn, x: torch.Tensor, mask: torch.Tensor, window: int, rel_bias: Optional[torch.Tensor], kind: str):
@@ -57,12 +61,20 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
 
 
 def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
-                     rel_bias: Optional[torch.Tensor] = None, kind: str = "svd") -> torch.Tensor:
+                     rel_bias: Optional[torch.Tensor] = None, kind: str = "svd", prefix: str = "cumulative"
+                     ) -> torch.Tensor:
     """x (B, N, D): queries, keys and values are the sequence's own tokens; mask (B, N) left-aligned valid
     positions. `attn`: an attention module (its q/k/v/out projections, heads and, for ``svd``, `interests`).
     `rel_bias` (h, window + 1): additive score bias per head for offsets 0..window-1, last entry for older
-    tokens (``exact`` only). Returns (B, N, D); padded positions are zero."""
+    tokens (``exact`` only). `prefix` (``svd``): ``cumulative`` computes the prefix interests from running
+    Gram sums (ops/interests.prefix_interests; basis_grad must be "full"); ``recompute`` calls the module's
+    `interests` (its svd_method) on each prefix. Returns (B, N, D); padded positions are zero."""
     _check(attn, x, mask, window, rel_bias, kind)
+    if prefix not in CAUSAL_PREFIXES:
+        raise ValueError(f"prefix must be one of {list(CAUSAL_PREFIXES)}, got {prefix!r}")
+    if kind == "svd" and prefix == "cumulative" and attn.basis_grad != "full":
+        raise ValueError(f"prefix='cumulative' differentiates through the basis (basis_grad='full'); the module "
+                         f"has basis_grad={attn.basis_grad!r}: use prefix='recompute'")
     if kind == "exact":
         return _exact(attn, x, mask, window, rel_bias)
     B, N, D = x.shape
@@ -93,20 +105,27 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
     m_win = band[None, None, None] & mw[:, :, None, None, :]              # (B,nC,1,C,2C)
     if kind == "svd":
         r = attn.rank
-        zs, alive, bias = [x.new_zeros(B, r, D)], [mask.new_zeros(B, r)], [x.new_zeros(B, r)]
-        for j in range(1, nC):  # interests of the prefix [0, jC): rows at or after jC never enter
-            it = attn.interests(xm[:, : j * C], mask[:, : j * C])
-            zs.append(it.z.to(x.dtype))
-            alive.append(it.alive)
+        if prefix == "cumulative":  # every prefix [0, jC) from running Gram sums: O(N·D² + N/C·D³)
+            it = prefix_interests(xm, mask, r, C, attn.interest_scale, tol=attn.tol)
+            z = torch.cat([x.new_zeros(B, 1, r, D), it.z.to(x.dtype)], 1)  # (B,nC,r,D); chunk 0 has no past
+            alive = torch.cat([mask.new_zeros(B, 1, r), it.alive], 1)
             if attn.mass_bias:
-                bias.append(attn.interest_bias(it).to(x.dtype))
-        z = torch.stack(zs, 1)                                             # (B,nC,r,D)
+                bias = torch.cat([x.new_zeros(B, 1, r), attn.interest_bias(it).to(x.dtype)], 1)
+        else:  # recompute each prefix with the module's own method (randomized / gram / exact)
+            zs, alives, biases = [x.new_zeros(B, r, D)], [mask.new_zeros(B, r)], [x.new_zeros(B, r)]
+            for j in range(1, nC):  # interests of the prefix [0, jC): rows at or after jC never enter
+                it = attn.interests(xm[:, : j * C], mask[:, : j * C])
+                zs.append(it.z.to(x.dtype))
+                alives.append(it.alive)
+                if attn.mass_bias:
+                    biases.append(attn.interest_bias(it).to(x.dtype))
+            z, alive, bias = torch.stack(zs, 1), torch.stack(alives, 1), torch.stack(biases, 1)
         ki = _heads(attn.k_proj(z), h)                                     # (B,nC,r,h,dh)
         vi = _heads(attn.v_proj(z), h)
         s_int = torch.einsum("bjqhe,bjrhe->bjhqr", q, ki) * scale          # (B,nC,h,C,r)
         if attn.mass_bias:
-            s_int = s_int + torch.stack(bias, 1)[:, :, None, None, :]
-        m_int = torch.stack(alive, 1)[:, :, None, None, :].expand(B, nC, 1, C, r)
+            s_int = s_int + bias[:, :, None, None, :]
+        m_int = alive[:, :, None, None, :].expand(B, nC, 1, C, r)
         s = torch.cat([s_int, s_win], -1).masked_fill(~torch.cat([m_int, m_win], -1), torch.finfo(s_win.dtype).min)
         p = torch.softmax(s, -1)
         o = torch.einsum("bjhqr,bjrhe->bjqhe", p[..., :r], vi) + torch.einsum("bjhqk,bjkhe->bjqhe", p[..., r:], vw)

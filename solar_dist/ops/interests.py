@@ -44,6 +44,7 @@ __all__ = [
     "Interests",
     "compact_interests",
     "compact_interests_ex",
+    "prefix_interests",
     "default_tol",
     "METHODS",
     "SCALES",
@@ -56,6 +57,8 @@ BASIS_GRADS = ("full", "detach")
 
 #: relative size of the regulariser of the 1/(σ_i²−σ_j²) gap terms: ε = (GAP_EPS·σ_1²)²
 GAP_EPS = 1e-6
+#: smallest default dead-component threshold of prefix_interests (σ from eigenvalues of a float64 Gram)
+GRAM_TOL_FLOOR = 1e-7
 #: seed of the randomized range finder's test matrix Ω (identical on every rank)
 OMEGA_SEED = 0x5EED
 
@@ -361,3 +364,102 @@ def compact_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, method: st
     out = compact_interests_ex(h, mask, rank, method, scale, basis_grad=basis_grad, tol=tol,
                                oversample=oversample, power_iters=power_iters, sp_group=sp_group)
     return out.z, out.alive
+
+
+class _GramInterestsCore(torch.autograd.Function):
+    """(G (M,D,D) float64 Gram matrices, n (M,) row counts) -> z_raw (M,r,D) = σ_i v_iᵀ (unsigned, unscaled,
+    dead rows 0), sigma (M,r), alive (M,r): the interests of any H with HᵀH = G.
+
+    Backward in terms of G (eigh derivative restricted to the r kept components, gap terms bounded as in
+    _InterestsCore): with Y = Z̄ V (r×D over the full basis), F_ik = d/(d² + ε), d = λ_i − λ_k (0 for i = k
+    and for dead i), Ḡ = V K V_rᵀ with K_ki = σ_i Y_ik F_ik (k ≠ i) and K_ii = Y_ii / (2σ_i), returned
+    symmetrised. Exact wherever λ_1..λ_r are simple and above the null space, whatever the rank of G."""
+
+    @staticmethod
+    def forward(ctx, G, n, rank, tol, dt):
+        M, D, _ = G.shape
+        r = rank
+        lam, V = _eigh_desc(G)
+        sig = lam[:, :r].clamp_min(0).sqrt()
+        s1 = sig[:, :1]
+        idx = torch.arange(r, device=G.device)
+        alive = (sig > tol * s1) & (s1 > 0) & (idx[None, :] < n.to(G.dtype).clamp_max(D)[:, None]) \
+            & torch.isfinite(sig)
+        sig = torch.where(alive, sig, torch.zeros_like(sig))
+        z_raw = torch.where(alive[..., None], sig[..., None] * V[..., :r].mT, torch.zeros((), dtype=G.dtype,
+                                                                                          device=G.device))
+        ctx.save_for_backward(lam, V, sig, alive)
+        ctx.rank, ctx.dt = r, dt
+        ctx.mark_non_differentiable(alive)
+        return z_raw.to(dt), sig.to(dt), alive
+
+    @staticmethod
+    def backward(ctx, gz, gsig, galive):
+        lam, V, sig, alive = ctx.saved_tensors
+        r = ctx.rank
+        if gz is None:
+            return None, None, None, None, None
+        zb = torch.where(alive[..., None], gz.to(lam.dtype), torch.zeros((), dtype=lam.dtype, device=lam.device))
+        Y = zb @ V                                                       # (M,r,D): z̄_i · v_k
+        lam_r = torch.where(alive, lam[:, :r], torch.zeros_like(sig))
+        d = lam_r[:, :, None] - lam[:, None, :]                          # (M,r,D)
+        eps = (GAP_EPS * lam[:, :1, None].clamp_min(0)).square() + torch.finfo(lam.dtype).tiny
+        F = d / (d.square() + eps)
+        eye = torch.eye(r, lam.shape[-1], dtype=torch.bool, device=F.device)
+        F = torch.where(alive[..., None] & ~eye, F, torch.zeros_like(F))
+        Kt = sig[..., None] * Y * F                                      # (M,r,D) = Kᵀ off the diagonal
+        half = torch.where(alive, 0.5 / torch.where(alive, sig, torch.ones_like(sig)), torch.zeros_like(sig))
+        diag = torch.diag_embed(torch.diagonal(Y[..., :r], dim1=-2, dim2=-1) * half)   # K_ii = Y_ii / (2σ_i)
+        Kt = Kt + torch.cat([diag, Y.new_zeros(*Y.shape[:-1], Y.shape[-1] - r)], -1)
+        Gb = V @ Kt.mT @ V[..., :r].mT                                   # (M,D,D)
+        return 0.5 * (Gb + Gb.mT), None, None, None, None
+
+
+def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int, scale: str = "sqrt_n", *,
+                     tol: Optional[float] = None) -> Interests:
+    """The interests of every prefix [0, j·chunk) of each sequence, j = 1 .. ceil(N/chunk) − 1, in
+    O(N·D² + (N/chunk)·D³) instead of recomputing each prefix (O(N²/chunk·D·r)).
+
+    Everything the interests depend on is a prefix sum: Z = Σ_r V_rᵀ comes from the eigen-decomposition of
+    G = HᵀH, the sign convention from the row sum s, the mass and the √n scale from s and the count n. So the
+    per-chunk Gram matrices (float64, which keeps the null spectrum at ~1e-8·σ_1, far below `tol`) are summed
+    cumulatively and each boundary pays one D×D eigh; backward flows through the same sums. Equals
+    `compact_interests_ex(h[:, :j·chunk], mask[:, :j·chunk], rank, "exact", scale)` for every j (its
+    reference twin; tests/ops/test_prefix_interests.py). basis_grad is always "full".
+
+    `tol`: None = max(default_tol(dtype), 1e-7), since σ comes from eigenvalues of a float64 Gram matrix.
+    Returns Interests with a prefix axis: z (B, P, r, D), alive / mass / sigma (B, P, r), P = ceil(N/chunk) − 1.
+    Rows where `mask` is False are ignored (they may hold anything finite)."""
+    _validate(h, mask, rank, "gram", scale, "full", tol, 0, 0, None)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    B, N, D = h.shape
+    P = max(0, -(-N // chunk) - 1)
+    dt = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
+    # a Gram matrix resolves singular values down to ~√eps_64 ≈ 1.5e-8·σ_1 only: float64 inputs get tol 1e-7
+    tol_v = max(default_tol(dt), GRAM_TOL_FLOOR) if tol is None else float(tol)
+    if P == 0:
+        zero = h.new_zeros(B, 0, rank)
+        return Interests(h.new_zeros(B, 0, rank, D).to(dt), zero.bool(), zero.to(dt), zero.to(dt))
+    f64 = torch.float64
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        hm = torch.where(mask[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+        hc = hm[:, : P * chunk].to(f64).reshape(B, P, chunk, D)
+        G = torch.cumsum(hc.mT @ hc, 1).reshape(B * P, D, D)            # Gram of [0, j·chunk), j = 1..P
+        s = torch.cumsum(hc.sum(2), 1)                                   # (B,P,D) row sums
+        n = torch.cumsum(mask[:, : P * chunk].reshape(B, P, chunk).sum(2), 1).to(f64)  # (B,P)
+        z_raw, sigma, alive = _GramInterestsCore.apply(G, n.reshape(-1), rank, tol_v, dt)
+        z_raw, sigma, alive = z_raw.view(B, P, rank, D), sigma.view(B, P, rank), alive.view(B, P, rank)
+        s = s.to(dt)
+        proj = (z_raw * s[:, :, None, :]).sum(-1)                        # (B,P,r) = σ_i v_i·s
+        sign = torch.where(proj.detach() < 0, -1.0, 1.0).to(dt)
+        n_safe = n.clamp_min(1.0).to(dt)
+        lam = (z_raw * z_raw).sum(-1)
+        lam_safe = torch.where(alive, lam, torch.ones_like(lam))
+        mass = torch.where(alive, ((proj / lam_safe).square() / n_safe[..., None]).clamp(0.0, 1.0),
+                           torch.zeros_like(lam))
+        c = n_safe.rsqrt()[..., None, None] if scale == "sqrt_n" else torch.ones((), dtype=dt, device=h.device)
+        z = z_raw * (sign[..., None] * c)
+    if h.dtype != dt:
+        return Interests(z.to(h.dtype), alive, mass.to(h.dtype), sigma.detach().to(h.dtype))
+    return Interests(z, alive, mass, sigma.detach())

@@ -31,15 +31,18 @@ CASES = [  # (lengths, N, D, heads, rank, window)
 ]
 
 
-@pytest.mark.parametrize("kind", ["svd", "exact", "truncate"])
+KINDS = [("svd", "cumulative"), ("svd", "recompute"), ("exact", "cumulative"), ("truncate", "cumulative")]
+
+
+@pytest.mark.parametrize("kind, prefix", KINDS)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_matches_reference(kind, case):
+def test_matches_reference(kind, prefix, case):
     lengths, N, D, h, r, w = CASES[case]
     gen = torch.Generator().manual_seed(100 + case)
     x, mask = _batch(lengths, N, D, gen)
     m = _module(D, h, r, "exact", mass_bias=(case % 2 == 1))
     rel = torch.randn(h, w + 1, generator=gen, dtype=torch.float64)
-    got = causal_attention(m, x, mask, w, rel, kind)
+    got = causal_attention(m, x, mask, w, rel, kind, prefix)
     ref = ref_causal_attention(m, x, mask, w, rel, kind)
     assert got.shape == (len(lengths), N, D)
     torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-7)
@@ -57,12 +60,12 @@ def test_fast_interest_methods_match_reference_on_low_rank_sequences(method):
     for b, n in enumerate([12, 9, 5]):
         mask[b, :n] = True
     m = _module(D, 2, r, method)
-    got = causal_attention(m, x, mask, w, None, "svd")
+    got = causal_attention(m, x, mask, w, None, "svd", "recompute")
     torch.testing.assert_close(got, ref_causal_attention(m, x, mask, w, None, "svd"), atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["svd", "exact", "truncate"])
-def test_nothing_after_t_reaches_t(kind):
+@pytest.mark.parametrize("kind, prefix", KINDS)
+def test_nothing_after_t_reaches_t(kind, prefix):
     """Gradients of position t's output w.r.t. every later event are exactly zero, and changing the later
     events leaves positions <= t bit-identical (randomized interests, float32: the training configuration)."""
     gen = torch.Generator().manual_seed(3)
@@ -72,17 +75,18 @@ def test_nothing_after_t_reaches_t(kind):
     rel = torch.randn(2, w + 1, generator=gen)
     for t in (0, 3, 4, 9, 16):
         xx = x.clone().requires_grad_(True)
-        y = causal_attention(m, xx, mask, w, rel, kind)
+        y = causal_attention(m, xx, mask, w, rel, kind, prefix)
         y[:, t].pow(2).sum().backward()
         assert torch.equal(xx.grad[:, t + 1:], torch.zeros_like(xx.grad[:, t + 1:])), t
         assert bool(xx.grad[:, : t + 1].abs().sum() > 0)
         x2 = x.clone()
         x2[:, t + 1:] = torch.randn(B, N - t - 1, D, generator=gen) * 5
-        y2 = causal_attention(m, x2, mask, w, rel, kind)
+        y2 = causal_attention(m, x2, mask, w, rel, kind, prefix)
         assert torch.equal(y.detach()[:, : t + 1], y2[:, : t + 1]), t
 
 
-def test_degenerate_inputs_are_finite():
+@pytest.mark.parametrize("prefix", ["cumulative", "recompute"])
+def test_degenerate_inputs_are_finite(prefix):
     """Zero sequences, repeated rows, empty rows: finite outputs and gradients."""
     D, w = 8, 3
     m = _module(D, 2, 4, "randomized", dtype=torch.float32)
@@ -92,7 +96,7 @@ def test_degenerate_inputs_are_finite():
     mask[0, :10] = True
     mask[1, :7] = True
     x.requires_grad_(True)
-    y = causal_attention(m, x, mask, w, torch.zeros(2, w + 1), "svd")
+    y = causal_attention(m, x, mask, w, torch.zeros(2, w + 1), "svd", prefix)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert torch.equal(y[2], torch.zeros_like(y[2]))
@@ -114,6 +118,35 @@ def test_bad_inputs_are_named():
         causal_attention(m, x, holes, 2)
     with pytest.raises(ValueError, match="x must have shape"):
         causal_attention(m, x[..., :4], mask, 2)
+    with pytest.raises(ValueError, match="prefix"):
+        causal_attention(m, x, mask, 2, prefix="gram")
+    m.basis_grad = "detach"
+    with pytest.raises(ValueError, match="basis_grad"):
+        causal_attention(m, x, mask, 2)
+
+
+def test_cumulative_prefix_is_linear_in_length():
+    """Quadrupling N roughly quadruples the cost with cumulative prefix interests, while recomputing every
+    prefix grows it ~16x: compared side by side at N = 256 and 1024 (ratios, not times)."""
+    import time
+
+    m = _module(32, 2, 8, "randomized", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+
+    def cost(N, prefix):
+        x = torch.randn(4, N, 32, generator=gen)
+        mask = torch.ones(4, N, dtype=torch.bool)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            causal_attention(m, x, mask, 8, None, "svd", prefix)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    with torch.no_grad():
+        cum = cost(1024, "cumulative") / cost(256, "cumulative")
+        rec = cost(1024, "recompute") / cost(256, "recompute")
+    assert cum < rec, (cum, rec)
 
 
 def test_bench_causal_smoke(tmp_path, capsys):
@@ -126,6 +159,7 @@ def test_bench_causal_smoke(tmp_path, capsys):
     assert main(["bench", "causal", "--n", "16", "40", "--batch", "2", "--dim", "8", "--rank", "2", "--window", "4",
                  "--repeats", "1", "--json", str(out)]) == 0
     recs = json.loads(out.read_text())
-    assert {(r["kind"], r["n"]) for r in recs} == {(k, n) for k in ("svd", "exact", "truncate") for n in (16, 40)}
+    assert {(r["kind"], r["n"]) for r in recs} == {(k, n) for k in ("svd", "svd_recompute", "exact", "truncate")
+                                                    for n in (16, 40)}
     assert all(r["seconds"] > 0 for r in recs)
     assert "exact/svd" in capsys.readouterr().out
