@@ -18,7 +18,8 @@ sample per cut point), position t may only see events <= t. Three kinds, one sig
                 eigh per boundary: O(N·D² + (N/C)·D³), linear in N. ``prefix="recompute"`` factorises each
                 prefix with the module's svd_method instead, O(N²/C·D·r).
   ``exact``     the baseline: exact causal softmax over all s <= t; offsets < C get the same learned bias,
-                older ones one shared "far" bias. O(N²·D).
+                older ones one shared "far" bias. O(N²·D) time; long sequences run in query blocks with
+                activation checkpointing (EXACT_BLOCK_SCORES), so memory does not grow as B·h·N².
   ``truncate``  the window alone (the last C events): last-k truncation.
 
 At the last position of a sequence (what evaluation uses) ``svd`` sees the interests of every event before the
@@ -31,6 +32,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .interests import prefix_interests
 
@@ -136,6 +138,22 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
     return (y * mask[..., None].to(y.dtype))[:, :N]
 
 
+#: exact kind: at most this many attention scores per query block; larger problems run block by block with
+#: activation checkpointing, so memory stays O(B·N·D + EXACT_BLOCK_SCORES) instead of O(B·h·N²)
+EXACT_BLOCK_SCORES = 1 << 25
+
+
+def _exact_block(qb, kp, vp, keep, rel_bias, lo: int, window: int):
+    """Outputs of queries lo..lo+Q-1 over keys 0..K-1 (K = the block's last query + 1)."""
+    t = torch.arange(lo, lo + qb.shape[2], device=qb.device)
+    off = t[:, None] - torch.arange(kp.shape[2], device=qb.device)[None, :]
+    s = torch.matmul(qb, kp.transpose(-1, -2)) / math.sqrt(qb.shape[-1])
+    if rel_bias is not None:
+        s = s + rel_bias[:, off.clamp(0, window)].to(s.dtype)[None]
+    s = s.masked_fill(~((off >= 0)[None, None] & keep[:, None, None, :]), torch.finfo(s.dtype).min)
+    return torch.matmul(torch.softmax(s, -1), vp)
+
+
 def _exact(attn, x, mask, window, rel_bias):
     B, N, D = x.shape
     h, dh = attn.num_heads, attn.head_dim
@@ -143,13 +161,16 @@ def _exact(attn, x, mask, window, rel_bias):
     q = _heads(attn.q_proj(xm), h).transpose(1, 2)                        # (B,h,N,dh)
     k = _heads(attn.k_proj(xm), h).transpose(1, 2)
     v = _heads(attn.v_proj(xm), h).transpose(1, 2)
-    t = torch.arange(N, device=x.device)
-    off = t[:, None] - t[None, :]
-    allowed = (off >= 0)[None, None] & mask[:, None, None, :]
-    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dh)
-    if rel_bias is not None:
-        s = s + rel_bias[:, off.clamp(0, window)].to(s.dtype)[None]
-    s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
-    o = torch.matmul(torch.softmax(s, -1), v)
+    block = max(16, EXACT_BLOCK_SCORES // max(1, B * h * N))
+    if block >= N:
+        o = _exact_block(q, k, v, mask, rel_bias, 0, window)
+    else:  # query blocks see only keys up to their last query; each block is recomputed in backward
+        outs = []
+        for lo in range(0, N, block):
+            hi = min(N, lo + block)
+            args = (q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask[:, :hi], rel_bias, lo, window)
+            outs.append(checkpoint(_exact_block, *args, use_reentrant=False) if torch.is_grad_enabled()
+                        else _exact_block(*args))
+        o = torch.cat(outs, 2)
     y = attn.out_proj(o.transpose(1, 2).reshape(B, N, D))
     return y * mask[..., None].to(y.dtype)
