@@ -196,6 +196,9 @@ class NextItemConfig:
     # train_negatives) instead of its own user's train_negatives (train_negatives=0: the catalogue, looked up
     # once per batch)
     share_negatives: bool = False
+    # all_positions: only each user's last k positions carry a loss (0 = every position); the older events
+    # still reach the states through the causal tower (interests), at linear cost with data.max_hist_len=0
+    loss_last_positions: int = 0
     negative_sampler: str = "uniform"  # uniform | popularity
     cut_points_per_user: int = 0  # training samples per user per epoch (0 = every position)
     eval_protocols: List[str] = field(default_factory=lambda: ["sampled100", "full"])
@@ -289,7 +292,7 @@ _NON_NEGATIVE = [
     "embedding.weight_decay", "embedding.init_std", "model.oversample", "model.power_iters", "model.recent_k",
     "model.dropout", "loss.bce_weight", "loss.listwise_weight", "deepspeed.lr", "deepspeed.weight_decay",
     "deepspeed.grad_clip", "deepspeed.warmup_steps", "train.max_steps", "train.checkpoint_every",
-    "train.num_threads", "eval.max_batches", "ray.num_cpus", "next_item.train_negatives",
+    "train.num_threads", "eval.max_batches", "ray.num_cpus", "next_item.train_negatives", "next_item.loss_last_positions",
     "next_item.cut_points_per_user", "next_item.eval_max_users", "next_item.full_max_users", "tune.max_concurrent", "tune.lr_min", "synth.popularity_exponent",
     "synth.early_interest_fraction", "synth.valid_fraction", "synth.test_fraction",
 ]

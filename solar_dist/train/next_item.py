@@ -309,8 +309,8 @@ class NextItemLoader(LoaderPosition):
 
 # ------------------------------------------------------------------------------------ all-position loss
 def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.Tensor,
-                      hist_lengths: torch.Tensor, num_negatives: int, share: bool = False, catalogue: int = 0
-                      ) -> tuple[torch.Tensor, int]:
+                      hist_lengths: torch.Tensor, num_negatives: int, share: bool = False, catalogue: int = 0,
+                      last: int = 0) -> tuple[torch.Tensor, int]:
     """Softmax cross-entropy of every position's next event against sampled negatives or the whole catalogue.
 
     states (T, D): causal states, jagged by hist_lengths (B,). cand (Tc, D) / cand_ids (Tc,): per user its
@@ -320,8 +320,9 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
     A negative equal to a position's target is left out of that position's softmax.
     `catalogue` > 0 (num_negatives = 0): the first user's targets are followed by the `catalogue` item
     embeddings (ids 1..catalogue, as NextItemLoader writes them), and every position's softmax runs over all
-    of them (SASRec+'s full cross-entropy; the target is one of them). Returns (sum of the per-position
-    losses, number of positions)."""
+    of them (SASRec+'s full cross-entropy; the target is one of them). `last` > 0: only each user's last
+    `last` positions contribute (older ones still shape the states through the causal tower). Returns (sum
+    of the per-position losses, number of positions that contribute)."""
     B = hist_lengths.numel()
     S = num_negatives
     T = states.shape[0]
@@ -340,13 +341,18 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
     seg = segment_ids(hl)
     h_off = torch.cumsum(hl, 0) - hl
     c_off = torch.cumsum(cl, 0) - cl
-    tgt_idx = c_off[seg] + (torch.arange(T, device=hl.device) - h_off[seg])
-    pos = (states * cand[tgt_idx]).sum(-1)                                               # (T,)
+    within = torch.arange(T, device=hl.device) - h_off[seg]                             # position in its user
+    tgt_idx = c_off[seg] + within
+    keep = within >= (hl[seg] - last) if last else None                                  # positions with a loss
     if catalogue:
         lo = int(hl[0]) if B else 0
         if B and not bool((cand_ids[lo: lo + catalogue] == torch.arange(1, catalogue + 1, device=hl.device)).all()):
             raise ValueError(f"cand_ids after the first user's {lo} targets are not the catalogue 1..{catalogue}")
-        return (catalogue_logsumexp(states, cand[lo: lo + catalogue]) - pos).sum(), T
+        if keep is not None:
+            states, tgt_idx = states[keep], tgt_idx[keep]
+        pos = (states * cand[tgt_idx]).sum(-1)
+        return (catalogue_logsumexp(states, cand[lo: lo + catalogue]) - pos).sum(), int(states.shape[0])
+    pos = (states * cand[tgt_idx]).sum(-1)                                               # (T,)
     neg_idx = (c_off + hl)[:, None] + torch.arange(S, device=hl.device)[None, :]        # (B, S)
     if share:
         pool = neg_idx.reshape(-1)
@@ -358,6 +364,8 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
         clash = cand_ids[neg_idx][seg] == cand_ids[tgt_idx][:, None]
     neg = neg.masked_fill(clash, float("-inf"))
     loss = torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos
+    if keep is not None:
+        return loss[keep].sum(), int(keep.sum())
     return loss.sum(), T
 
 
@@ -400,7 +408,8 @@ class NextItemTrainer(Trainer):
         ni = self.cfg.next_item
         loss_sum, count = all_position_loss(states, inp["cand"].float(), batch.features[CAND_ITEM].values(),
                                             batch.hist_lengths, ni.train_negatives, share=ni.share_negatives,
-                                            catalogue=0 if ni.train_negatives else self.meta.num_items - 1)
+                                            catalogue=0 if ni.train_negatives else self.meta.num_items - 1,
+                                            last=ni.loss_last_positions)
         (n,) = self._global(count)
         return loss_sum / max(n, 1.0), n
 

@@ -215,17 +215,24 @@ def test_all_position_loss_matches_direct_computation(share):
     starts = (torch.cumsum(hl + S, 0) - (hl + S)).tolist()
     pool = [(st + n + j) for st, n in zip(starts, hl.tolist()) for j in range(S)]  # every user's negatives
     want, t, c0 = 0.0, 0, 0
+    per_pos, where = [], []
     for n in hl.tolist():
         for p in range(n):
             s = states[t]
             negs = pool if share else [c0 + n + j for j in range(S)]
             logits = [float(s @ cand[c0 + p])]
             logits += [float(s @ cand[k]) for k in negs if ids[k] != ids[c0 + p]]
-            want += float(torch.logsumexp(torch.tensor(logits, dtype=torch.float64), 0)) - logits[0]
+            per_pos.append(float(torch.logsumexp(torch.tensor(logits, dtype=torch.float64), 0)) - logits[0])
+            where.append((p, n))
+            want += per_pos[-1]
             t += 1
         c0 += n + S
     assert count == 8
     assert abs(float(got) - want) < 1e-9
+    for last in (1, 2):  # only each user's last `last` positions
+        got_l, count_l = all_position_loss(states, cand, cand_ids, hl, S, share=share, last=last)
+        kept = [v for (p, n), v in zip(where, per_pos) if p >= n - last]
+        assert count_l == len(kept) and abs(float(got_l) - sum(kept)) < 1e-9
     with pytest.raises(ValueError, match="hist_lengths"):
         all_position_loss(states[:-1], cand, cand_ids, hl, S)
 
@@ -245,6 +252,11 @@ def test_full_catalogue_loss_matches_direct_computation():
     logits = states @ table[1:].T
     want = F.cross_entropy(logits, torch.tensor(targets) - 1, reduction="sum")
     assert count == 6 and abs(float(got) - float(want)) < 1e-10
+    # last=2: only each user's last two positions (rows 0-1, 3-4 and 5) carry a loss
+    got2, count2 = all_position_loss(states, table[cand_ids], cand_ids, hl, 0, catalogue=I - 1, last=2)
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    want2 = F.cross_entropy(logits[keep], torch.tensor(targets)[keep] - 1, reduction="sum")
+    assert count2 == 5 and abs(float(got2) - float(want2)) < 1e-10
     with pytest.raises(ValueError, match="not the catalogue"):
         all_position_loss(states, table[cand_ids], cand_ids.flip(0), hl, 0, catalogue=I - 1)
     with pytest.raises(ValueError, match="excludes sampled negatives"):
