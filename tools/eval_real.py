@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,9 @@ def run_one(dataset: str, model: str, rank: Optional[int], seed: int, args) -> D
     if not Path(cfg.train.run_dir).is_absolute():
         cfg.train.run_dir = str(REPO / cfg.train.run_dir)
     _ensure_data(dataset, cfg.data.path)
+    # a fresh run: checkpoints of an earlier run in the same directory would be the "latest" ones for any
+    # later restore (and a reader of the run directory could not tell which run they belong to)
+    shutil.rmtree(cfg.train.run_dir, ignore_errors=True)
     protocols = args.protocols or list(cfg.next_item.eval_protocols)
     t0 = time.time()
     trainer = make_trainer(cfg)

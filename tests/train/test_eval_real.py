@@ -1,0 +1,29 @@
+"""tools/eval_real.py (`solar bench quality`) end to end on a real data set, with a tiny budget: the records
+have the documented fields, the report is generated, and each run starts from an empty run directory."""
+import json
+
+from solar_dist.cli import main
+from tests.conftest import shared_data
+
+
+def test_bench_quality_smoke(tmp_path, capsys):
+    shared_data("ml-latest-small", "ratings.csv")
+    out, runs = tmp_path / "results.json", tmp_path / "runs"
+    stale = runs / "ml_latest_small" / "svd_r4_s0" / "checkpoints" / "step-99999"  # an earlier run's leftover
+    stale.mkdir(parents=True)
+    (stale / "COMPLETE").touch()
+    rc = main(["bench", "quality", "--datasets", "ml_latest_small", "--models", "svd,truncate", "--ranks", "4",
+               "--max-steps", "2", "--protocols", "sampled100", "--set", f"data.path={tmp_path / 'mls'}",
+               "--set", "next_item.eval_max_users=16", "--set", "data.batch_size=8", "--runs", str(runs),
+               "--out", str(out)])
+    assert rc == 0
+    recs = json.loads(out.read_text())
+    assert {(r["dataset"], r["model"], r["rank"], r["protocol"]) for r in recs} == {
+        ("ml_latest_small", "svd", 4, "sampled100"), ("ml_latest_small", "truncate", None, "sampled100")}
+    for r in recs:
+        assert {"hr@10", "ndcg@10", "mrr", "seeds", "wall_seconds"} <= set(r)
+        assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and r["seeds"] == [0] and r["steps"] == 2
+        assert r["users"] == 610  # every test user of ml-latest-small
+    assert "ml_latest_small" in out.with_suffix(".md").read_text()
+    assert not stale.exists(), "a fresh run must not keep an earlier run's checkpoints"
+    assert "[eval_real] ml_latest_small svd_r4_s0" in capsys.readouterr().out
