@@ -268,6 +268,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_report(out, records)
         print(f"wrote {out.with_suffix('.md')}")
         return 0
+    import torch.distributed as dist
+
+    owns_group = not dist.is_initialized()  # shut down at the end only what this call started
     command = "solar bench quality " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for ds in [d for d in args.datasets.split(",") if d]:
@@ -286,9 +289,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(records, indent=2))
                 write_report(out, records)
-    from solar_dist.parallel.groups import shutdown
+    if owns_group:
+        from solar_dist.parallel.groups import shutdown
 
-    shutdown()
+        shutdown()
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 

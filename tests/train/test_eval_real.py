@@ -1,22 +1,30 @@
 """tools/eval_real.py (`solar bench quality`) end to end on a real data set, with a tiny budget: the records
 have the documented fields, the report is generated, and each run starts from an empty run directory."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from solar_dist.cli import main
 from tests.conftest import shared_data
 
+REPO = Path(__file__).resolve().parents[2]
 
-def test_bench_quality_smoke(tmp_path, capsys):
+
+def test_bench_quality_smoke(tmp_path):
+    """Runs the CLI in its own process, as users do: it owns (and shuts down) its process group."""
     shared_data("ml-latest-small", "ratings.csv")
     out, runs = tmp_path / "results.json", tmp_path / "runs"
     stale = runs / "ml_latest_small" / "svd_r4_s0" / "checkpoints" / "step-99999"  # an earlier run's leftover
     stale.mkdir(parents=True)
     (stale / "COMPLETE").touch()
-    rc = main(["bench", "quality", "--datasets", "ml_latest_small", "--models", "svd,truncate", "--ranks", "4",
-               "--max-steps", "2", "--protocols", "sampled100", "--set", f"data.path={tmp_path / 'mls'}",
-               "--set", "next_item.eval_max_users=16", "--set", "data.batch_size=8", "--runs", str(runs),
-               "--out", str(out)])
-    assert rc == 0
+    cmd = [sys.executable, "-m", "solar_dist.cli", "bench", "quality", "--datasets", "ml_latest_small",
+           "--models", "svd,truncate", "--ranks", "4", "--max-steps", "2", "--protocols", "sampled100",
+           "--set", f"data.path={tmp_path / 'mls'}", "--set", "next_item.eval_max_users=16",
+           "--set", "data.batch_size=8", "--runs", str(runs), "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     recs = json.loads(out.read_text())
     assert {(r["dataset"], r["model"], r["rank"], r["protocol"]) for r in recs} == {
         ("ml_latest_small", "svd", 4, "sampled100"), ("ml_latest_small", "truncate", None, "sampled100")}
@@ -26,4 +34,4 @@ def test_bench_quality_smoke(tmp_path, capsys):
         assert r["users"] == 610  # every test user of ml-latest-small
     assert "ml_latest_small" in out.with_suffix(".md").read_text()
     assert not stale.exists(), "a fresh run must not keep an earlier run's checkpoints"
-    assert "[eval_real] ml_latest_small svd_r4_s0" in capsys.readouterr().out
+    assert "[eval_real] ml_latest_small svd_r4_s0" in proc.stdout
