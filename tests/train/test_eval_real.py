@@ -1,12 +1,12 @@
 """tools/eval_real.py (`solar bench quality`) end to end on a real data set, with a tiny budget: the records
 have the documented fields, the report is generated, and each run starts from an empty run directory."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import shared_data
+from tests.parallel.launch_utils import launch_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def test_bench_quality_smoke(tmp_path):
            "--models", "svd,truncate", "--ranks", "4", "--max-steps", "2", "--protocols", "sampled100",
            "--set", f"data.path={tmp_path / 'mls'}", "--set", "next_item.eval_max_users=16",
            "--set", "data.batch_size=8", "--runs", str(runs), "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = {**launch_env(), "OMP_NUM_THREADS": "1"}  # no rendezvous variables of this process's own group
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = json.loads(out.read_text())
