@@ -164,6 +164,32 @@ def _orth(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(m).Q
 
 
+def _alive(sigma_r: torch.Tensor, n_valid: torch.Tensor, tol: float, D: int) -> torch.Tensor:
+    """(…, r) live components: σ_i > tol·σ_1, σ_1 > 0, i < min(n_valid, D), finite."""
+    s1 = sigma_r[..., :1]
+    idx = torch.arange(sigma_r.shape[-1], device=sigma_r.device)
+    limit = n_valid.to(sigma_r.dtype).clamp_max(D)
+    return (sigma_r > tol * s1) & (s1 > 0) & (idx < limit[..., None]) & torch.isfinite(sigma_r)
+
+
+def _signed_scaled(z_raw: torch.Tensor, alive: torch.Tensor, s: torch.Tensor, n_valid: torch.Tensor, scale: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_raw (…, r, D) unsigned interests, s (…, D) row sums, n_valid (…) counts -> (z, mass): the sign
+    convention z_i · Σ_j h_j >= 0 (piecewise constant: no gradient), the √n scale, and the mass
+    m_i = (1ᵀu_i)²/n with 1ᵀu_i = s·v_i/σ_i = (s·z_raw_i)/σ_i²."""
+    dt = z_raw.dtype
+    proj = (z_raw * s[..., None, :]).sum(-1)                             # (…, r) = σ_i v_i·s
+    sign = torch.where(proj.detach() < 0, -1.0, 1.0).to(dt)
+    n_safe = n_valid.clamp_min(1.0)
+    lam = (z_raw * z_raw).sum(-1)
+    lam_safe = torch.where(alive, lam, torch.ones_like(lam))
+    mass = torch.where(alive, ((proj / lam_safe).square() / n_safe[..., None]).clamp(0.0, 1.0),
+                       torch.zeros_like(lam))
+    c = n_safe.rsqrt().to(dt)[..., None, None] if scale == "sqrt_n" else torch.ones((), dtype=dt,
+                                                                                      device=z_raw.device)
+    return z_raw * (sign[..., None] * c), mass
+
+
 class _InterestsCore(torch.autograd.Function):
     """(h, mask) -> z_raw (B,r,D) = σ_i v_iᵀ (unsigned, unscaled, dead rows 0), sigma (B,r), alive (B,r),
     s (B,D) = Σ_valid h_j, n (B,) valid counts — all totals over the sp group.
@@ -240,10 +266,7 @@ class _InterestsCore(torch.autograd.Function):
             U_r = Y @ (C0 @ Ut[..., :r]).to(dt) * sigma_r.to(dt)[:, None, :]  # (B,N,r) = H V_r (unnormalised)
         s = packed[:, :D]
         n_valid = packed[:, D]
-        s1 = sigma_r[:, :1]
-        idx = torch.arange(r, device=h.device)
-        limit = n_valid.to(f64).clamp_max(D)
-        alive = (sigma_r > tol * s1) & (s1 > 0) & (idx[None, :] < limit[:, None]) & torch.isfinite(sigma_r)
+        alive = _alive(sigma_r, n_valid, tol, D)
         sig_alive = torch.where(alive, sigma_r, torch.zeros_like(sigma_r))
         z_raw = (sig_alive[..., None] * V_r.mT)                          # (B,r,D) float64
         z_raw = torch.where(alive[..., None], z_raw, torch.zeros_like(z_raw)).to(dt)
@@ -322,20 +345,7 @@ def compact_interests_ex(h: torch.Tensor, mask: torch.Tensor, rank: int, method:
     with torch.autocast(device_type=h.device.type, enabled=False):
         z_raw, sigma, alive, s, n_valid = _InterestsCore.apply(h, mask, rank, method, tol_v, oversample,
                                                                power_iters, basis_grad == "full", sp_group)
-    # sign convention z_i · Σ_j h_j >= 0 (piecewise constant: no gradient)
-    proj = (z_raw * s[:, None, :]).sum(-1)                               # (B,r) = σ_i v_i·s
-    sign = torch.where(proj.detach() < 0, -1.0, 1.0).to(h.dtype)
-    n_safe = n_valid.clamp_min(1.0)
-    # mass m_i = (1ᵀu_i)²/n, 1ᵀu_i = s·v_i/σ_i = (s·z_raw_i)/σ_i²
-    lam = (z_raw * z_raw).sum(-1)
-    lam_safe = torch.where(alive, lam, torch.ones_like(lam))
-    ones_u = proj / lam_safe
-    mass = torch.where(alive, (ones_u.square() / n_safe[:, None]).clamp(0.0, 1.0), torch.zeros_like(lam))
-    if scale == "sqrt_n":
-        c = n_safe.rsqrt().to(h.dtype)[:, None, None]
-    else:
-        c = torch.ones((), dtype=h.dtype, device=h.device)
-    z = z_raw * (sign[..., None] * c)
+    z, mass = _signed_scaled(z_raw, alive, s, n_valid, scale)
     return Interests(z, alive, mass, sigma.detach())
 
 
@@ -381,15 +391,12 @@ class _GramInterestsCore(torch.autograd.Function):
         r = rank
         lam, V = _eigh_desc(G)
         sig = lam[:, :r].clamp_min(0).sqrt()
-        s1 = sig[:, :1]
-        idx = torch.arange(r, device=G.device)
-        alive = (sig > tol * s1) & (s1 > 0) & (idx[None, :] < n.to(G.dtype).clamp_max(D)[:, None]) \
-            & torch.isfinite(sig)
+        alive = _alive(sig, n, tol, D)
         sig = torch.where(alive, sig, torch.zeros_like(sig))
         z_raw = torch.where(alive[..., None], sig[..., None] * V[..., :r].mT, torch.zeros((), dtype=G.dtype,
                                                                                           device=G.device))
         ctx.save_for_backward(lam, V, sig, alive)
-        ctx.rank, ctx.dt = r, dt
+        ctx.rank = r
         ctx.mark_non_differentiable(alive)
         return z_raw.to(dt), sig.to(dt), alive
 
@@ -450,16 +457,7 @@ def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int,
         n = torch.cumsum(mask[:, : P * chunk].reshape(B, P, chunk).sum(2), 1).to(f64)  # (B,P)
         z_raw, sigma, alive = _GramInterestsCore.apply(G, n.reshape(-1), rank, tol_v, dt)
         z_raw, sigma, alive = z_raw.view(B, P, rank, D), sigma.view(B, P, rank), alive.view(B, P, rank)
-        s = s.to(dt)
-        proj = (z_raw * s[:, :, None, :]).sum(-1)                        # (B,P,r) = σ_i v_i·s
-        sign = torch.where(proj.detach() < 0, -1.0, 1.0).to(dt)
-        n_safe = n.clamp_min(1.0).to(dt)
-        lam = (z_raw * z_raw).sum(-1)
-        lam_safe = torch.where(alive, lam, torch.ones_like(lam))
-        mass = torch.where(alive, ((proj / lam_safe).square() / n_safe[..., None]).clamp(0.0, 1.0),
-                           torch.zeros_like(lam))
-        c = n_safe.rsqrt()[..., None, None] if scale == "sqrt_n" else torch.ones((), dtype=dt, device=h.device)
-        z = z_raw * (sign[..., None] * c)
+        z, mass = _signed_scaled(z_raw, alive, s.to(dt), n.to(dt), scale)
     if h.dtype != dt:
         return Interests(z.to(h.dtype), alive, mass.to(h.dtype), sigma.detach().to(h.dtype))
     return Interests(z, alive, mass, sigma.detach())
