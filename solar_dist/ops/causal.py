@@ -7,8 +7,7 @@ sample per cut point), position t may only see events <= t. Three kinds, one sig
 
   ``svd``       chunked-causal SVD-Attention. The sequence is cut into chunks of `window` (= C) positions.
                 Position t in chunk j = t // C attends, in one softmax, to
-                  * the r compact interests of the prefix [0, jC) (computed by the module's own
-                    `interests`, i.e. the same op, method and backward as in ranking), and
+                  * the r compact interests of the prefix [0, jC) (see `prefix` below for how), and
                   * the exact tokens of the sliding window [t-C+1, t] (itself included), with a learned
                     per-head bias for each offset t-s in [0, C).
                 Nothing at or after the chunk boundary jC enters the interests, and nothing after t enters the
