@@ -156,6 +156,13 @@ class TrainConfig:
     run_dir: str = "runs/quickstart"
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
+    # Model selection on the per-epoch evaluation (the validation split): after every evaluation that improves
+    # `select_metric` (a key of the evaluation's metrics, e.g. "sampled100_ndcg@10" or "auc") the weights are
+    # saved under run_dir/best, and fit() ends with those weights loaded, so a later test evaluation scores
+    # the selected epoch, not the last one. "" = keep the last epoch's weights.
+    select_metric: str = ""
+    select_mode: str = "max"  # max | min: whether a larger select_metric is better
+    early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     resume: bool = False
     progress: bool = True
     deterministic: bool = True
@@ -271,6 +278,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "parallel.backend": ("auto", "gloo", "nccl"),
     "parallel.device": ("auto", "cpu", "cuda"),
     "deepspeed.optimizer": ("AdamW", "Adam", "SGD"),
+    "train.select_mode": ("max", "min"),
     "eval.split": ("valid", "test"),
 }
 SHARDING_TYPES = ("", "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
@@ -291,7 +299,7 @@ _NON_NEGATIVE = [
     "embedding.user_table_size", "embedding.item_table_size", "embedding.lr", "embedding.eps",
     "embedding.weight_decay", "embedding.init_std", "model.oversample", "model.power_iters", "model.recent_k",
     "model.dropout", "loss.bce_weight", "loss.listwise_weight", "deepspeed.lr", "deepspeed.weight_decay",
-    "deepspeed.grad_clip", "deepspeed.warmup_steps", "train.max_steps", "train.checkpoint_every",
+    "deepspeed.grad_clip", "deepspeed.warmup_steps", "train.max_steps", "train.checkpoint_every", "train.early_stop_patience",
     "train.num_threads", "eval.max_batches", "ray.num_cpus", "next_item.train_negatives", "next_item.loss_last_positions",
     "next_item.cut_points_per_user", "next_item.eval_max_users", "next_item.full_max_users", "tune.max_concurrent", "tune.lr_min", "synth.popularity_exponent",
     "synth.early_interest_fraction", "synth.valid_fraction", "synth.test_fraction",
@@ -372,6 +380,13 @@ def validate(cfg: Any) -> None:
         if cfg.next_item.train_negatives == 0 and cfg.next_item.share_negatives:
             raise ConfigError("next_item.share_negatives=true pools sampled negatives, but train_negatives=0 "
                               "already scores every position against the full catalogue; drop one of them")
+    tr = cfg.train
+    if tr.early_stop_patience and not tr.select_metric:
+        raise ConfigError(f"train.early_stop_patience={tr.early_stop_patience} needs train.select_metric (the "
+                          f"metric whose lack of improvement stops training)")
+    if tr.select_metric and not cfg.eval.every_epoch:
+        raise ConfigError(f"train.select_metric={tr.select_metric!r} selects among per-epoch evaluations; it "
+                          f"needs eval.every_epoch=true")
     for name in cfg.next_item.eval_protocols:
         if name not in ("sampled100", "full"):
             raise ConfigError(f"next_item.eval_protocols contains {name!r}; allowed: ['sampled100', 'full']")

@@ -33,9 +33,15 @@ def test_overrides_apply_with_types():
     ("embedding.sharding_types={item: diagonal}", "embedding.sharding_types.item"),
     ("eval.metrics=[auc,precision]", "eval.metrics"),
     ("model.dropout=1.5", "model.dropout"),
+    ("train.select_mode=largest", "train.select_mode"),
+    ("train.early_stop_patience=-1", "train.early_stop_patience"),
+    ("train.early_stop_patience=2", "train.select_metric"),     # patience without a metric to watch
+    ("train.select_metric=auc", "eval.every_epoch"),            # selection with no per-epoch evaluation
 ])
 def test_bad_values_name_the_key(override, needle):
     extra = ["data.synth.max_hist_len=100"] if "min_hist_len" in override else []
+    if override == "train.select_metric=auc":
+        extra.append("eval.every_epoch=false")
     with pytest.raises(ConfigError) as exc:
         load_config(None, [override, *extra])
     assert needle in str(exc.value)

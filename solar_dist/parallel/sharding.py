@@ -86,6 +86,10 @@ def shard(cfg: SolarConfig, sparse: nn.Module, table_names: List[str], device: t
     # explicitly instead (loss sums / global counts, and model.solar.scale_grad on the embedding outputs),
     # which is the same on 1 or N ranks and under every sharding type; so TorchRec's division is switched off.
     comm_ops.set_gradient_division(False)
+    if device.type == "cpu" and cfg.embedding.optimizer == "adam":
+        # fbgemm's CPU table-batched embedding kernel has no Adam; fail here, by name, not deep inside fbgemm
+        raise ValueError("embedding.optimizer=adam is not supported by fbgemm's CPU embedding kernel; on CPU "
+                         "choose rowwise_adagrad, adagrad or sgd")
     attach_fused_optimizer(cfg, sparse)
     pg = pg or dist.group.WORLD
     planner = make_planner(cfg, table_names, dist.get_world_size(pg), device.type, backend)

@@ -96,8 +96,10 @@ def save_checkpoint(run_dir: str | Path, step: int, dmp: torch.nn.Module, engine
     return final
 
 
-def load_checkpoint(path: str | Path, dmp: torch.nn.Module, engine: Any) -> Dict[str, Any]:
-    """Restores tables, fused optimizer, tower + ZeRO state and this rank's RNG; returns trainer state."""
+def load_checkpoint(path: str | Path, dmp: torch.nn.Module, engine: Any, restore_rng: bool = True
+                    ) -> Dict[str, Any]:
+    """Restores tables, fused optimizer, tower + ZeRO state and (for resuming) this rank's RNG; returns the
+    trainer state."""
     path = Path(path)
     if not (path / "COMPLETE").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
@@ -111,6 +113,8 @@ def load_checkpoint(path: str | Path, dmp: torch.nn.Module, engine: Any) -> Dict
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the tower checkpoint under {path / 'tower'}")
     trainer_state = json.loads((path / "trainer.json").read_text())
+    if not restore_rng:
+        return trainer_state
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{rng_file} missing: checkpoint was written with a different world size "

@@ -38,7 +38,7 @@ from ..parallel.engine import init_engine
 from ..parallel.groups import Layout, init_distributed
 from ..parallel.sequence import gather_candidates, split_for_sp
 from ..parallel.sharding import describe_plan, shard
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import EvalMetrics
 
 
@@ -296,9 +296,12 @@ class Trainer:
                             self.writer.add_scalar(f"eval/{k}", v, self.global_step)
                 if on_epoch_end is not None:
                     on_epoch_end(dict(m))
+                if cfg.train.select_metric and self._select(m):
+                    done = True
             if done:
                 break
         ckpt = self.save()
+        selected = self._load_selected()
         (peak_rss,) = self._global(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
                                    op=dist.ReduceOp.MAX)
         summary = {
@@ -309,6 +312,7 @@ class Trainer:
             "train_events_per_s": events / max(train_seconds, 1e-9),
             "wall_seconds": time.time() - t_start,
             "checkpoint": str(ckpt),
+            "selected": selected,
             "data": {"path": self.cfg.data.path, **{k: v for k, v in self.meta.stats.items()}},
             "world_size": L.world_size, "dp": L.dp, "sp": L.sp,
             "peak_rss_bytes_per_rank": peak_rss,
@@ -318,6 +322,49 @@ class Trainer:
             if self.writer is not None:
                 self.writer.flush()
         return summary
+
+    # ------------------------------------------------------------------------------------ model selection
+    def _best_entry(self) -> Optional[Dict[str, Any]]:
+        """The history entry with the best `train.select_metric` (the earliest among equals), or None."""
+        key, sign = self.cfg.train.select_metric, (1.0 if self.cfg.train.select_mode == "max" else -1.0)
+        scored = [h for h in self.history if key in h and math.isfinite(h[key])]
+        return max(scored, key=lambda h: (sign * h[key], -h["step"])) if scored else None
+
+    def _select(self, m: Dict[str, Any]) -> bool:
+        """After an evaluation: keep the weights if `m` is the best so far; True when early stopping is due."""
+        tc = self.cfg.train
+        if tc.select_metric not in m:
+            raise KeyError(f"train.select_metric={tc.select_metric!r} is not among this evaluation's metrics "
+                           f"{sorted(k for k in m if isinstance(m[k], float))}")
+        best = self._best_entry()
+        if best is m:
+            save_checkpoint(self.run_dir / "best", self.global_step, self.dmp, self.engine, self.trainer_state(),
+                            keep=1)
+            self._log(f"epoch {m['epoch']}: best {tc.select_metric} so far ({m[tc.select_metric]:.4f}); saved")
+            return False
+        since = sum(1 for h in self.history if h["step"] > best["step"]) if best is not None else 0
+        if tc.early_stop_patience and since >= tc.early_stop_patience:
+            self._log(f"early stop: no better {tc.select_metric} for {since} evaluations (best "
+                      f"{best[tc.select_metric]:.4f} at epoch {best['epoch']})")
+            return True
+        return False
+
+    def _load_selected(self) -> Optional[Dict[str, Any]]:
+        """With train.select_metric: load the best epoch's weights (tables, tower and their optimizer states)
+        so that whatever evaluates this trainer next scores the selected model. Step and history stay."""
+        tc = self.cfg.train
+        if not tc.select_metric:
+            return None
+        best = self._best_entry()
+        if best is None:
+            return None
+        path = checkpoint_root(self.run_dir / "best") / f"step-{best['step']}"
+        if best["step"] != self.global_step:
+            load_checkpoint(path, self.dmp, self.engine, restore_rng=False)
+        self._log(f"selected epoch {best['epoch']} (step {best['step']}): {tc.select_metric}="
+                  f"{best[tc.select_metric]:.4f}")
+        return {"epoch": best["epoch"], "step": best["step"], "metric": tc.select_metric,
+                "mode": tc.select_mode, "value": best[tc.select_metric], "checkpoint": str(path)}
 
     # ----------------------------------------------------------------------------------------- helpers
     def _bar(self, epoch: int):

@@ -85,3 +85,57 @@ def test_deterministic_table_init_is_sharding_independent(tiny_data, tmp_path):
         outs.append(ec["cand_item"].values().detach().clone())
         t.close()
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def _selection_trainer(tiny_data, run, *extra):
+    cfg = load_config(None, TINY_OVERRIDES + [f"data.path={tiny_data}", f"train.run_dir={run}",
+                                              "data.if_missing=error", *extra])
+    return _trainer(cfg)
+
+
+def test_select_metric_restores_the_selected_epoch(tiny_data, tmp_path):
+    """train.select_metric: fit() ends with the weights of the epoch that was best on validation. Selecting the
+    *lowest* AUC picks an early epoch, not the last one, so the restore is visible in the evaluation."""
+    t = _selection_trainer(tiny_data, tmp_path, "train.epochs=3", "train.select_metric=auc",
+                           "train.select_mode=min")
+    summary = t.fit()
+    aucs = [h["auc"] for h in summary["history"]]
+    best = min(range(len(aucs)), key=lambda i: (aucs[i], i))
+    sel = summary["selected"]
+    assert (sel["epoch"], sel["value"], sel["metric"]) == (best, aucs[best], "auc")
+    assert best != len(aucs) - 1, f"the test needs an earlier epoch to select; AUCs {aucs}"
+    again = t.evaluate()
+    assert again["auc"] == pytest.approx(aucs[best], abs=1e-9)  # the selected weights, not the last epoch's
+    assert again["auc"] != pytest.approx(aucs[-1], abs=1e-6)
+    assert summary["steps"] == t.global_step  # the step count (and the resume checkpoint) stay the last
+    assert (t.run_dir / "checkpoints" / f"step-{summary['steps']}" / "COMPLETE").is_file()
+    assert [p.name for p in (t.run_dir / "best" / "checkpoints").iterdir()] == [f"step-{sel['step']}"]
+    t.close()
+
+
+def test_early_stop_after_patience_evaluations_without_improvement(tiny_data, tmp_path):
+    """Stops at the first evaluation that is `patience` evaluations past the best one, never earlier."""
+    patience, epochs = 1, 6
+    t = _selection_trainer(tiny_data, tmp_path, f"train.epochs={epochs}", "train.select_metric=auc",
+                           "train.select_mode=min", f"train.early_stop_patience={patience}")
+    hist = t.fit()["history"]
+    t.close()
+    aucs = [h["auc"] for h in hist]
+    best_so_far = [min(range(i + 1), key=lambda j: (aucs[j], j)) for i in range(len(aucs))]
+    for i in range(len(aucs) - 1):  # no earlier evaluation met the stopping rule
+        assert i - best_so_far[i] < patience, aucs
+    last = len(aucs) - 1
+    assert last - best_so_far[last] >= patience or len(aucs) == epochs, aucs
+    assert len(aucs) < epochs, f"AUC fell at every epoch, so the rule never fired: {aucs}"
+
+
+def test_select_metric_must_be_an_evaluated_metric(tiny_data, tmp_path):
+    t = _selection_trainer(tiny_data, tmp_path, "train.select_metric=sampled100_ndcg@10")
+    with pytest.raises(KeyError, match="train.select_metric='sampled100_ndcg@10'.*auc"):
+        t.fit()
+    t.close()
+
+
+def test_adam_tables_on_cpu_fail_by_name(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="embedding.optimizer=adam"):
+        _selection_trainer(tiny_data, tmp_path, "embedding.optimizer=adam")
