@@ -7,8 +7,8 @@
 
 Every model of a data set runs with the same config (configs/<dataset>.yaml), the same epochs/steps, seeds and
 evaluation; only `model.attention` (svd | sdpa | truncate with truncate_k=50) and `model.rank` change. Training
-selects nothing on the test split: the model after the last epoch is evaluated once on the test split (every
-user with >= 3 events). Missing data sets are converted from ../shared/data first.
+selects nothing on the test split: the model after the last epoch, or the epoch that was best on validation
+where the config sets `train.select_metric`, is evaluated once on the test split (every user with >= 3 events). Missing data sets are converted from ../shared/data first.
 
 docs/results.json is a list of records {dataset, model, rank, protocol, hr@10, ndcg@10, mrr, seeds,
 wall_seconds, ...}; a run replaces earlier records with the same (dataset, model, rank, protocol) unless
