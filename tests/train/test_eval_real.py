@@ -1,6 +1,7 @@
 """tools/eval_real.py (`solar bench quality`) end to end on a real data set, with a tiny budget: the records
 have the documented fields, the report is generated, and each run starts from an empty run directory."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ def test_bench_quality_smoke(tmp_path):
     cmd = [sys.executable, "-m", "solar_dist.cli", "bench", "quality", "--datasets", "ml_latest_small",
            "--models", "svd,truncate", "--ranks", "4", "--max-steps", "2", "--protocols", "sampled100",
            "--set", f"data.path={tmp_path / 'mls'}", "--set", "next_item.eval_max_users=16",
-           "--set", "data.batch_size=8", "--runs", str(runs), "--out", str(out)]
+           "--set", "data.batch_size=8", "--set", "train.select_metric=sampled100_ndcg@10",
+           "--runs", str(runs), "--out", str(out)]
     env = {**launch_env(), "OMP_NUM_THREADS": "1"}  # no rendezvous variables of this process's own group
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,6 +34,8 @@ def test_bench_quality_smoke(tmp_path):
         assert {"hr@10", "ndcg@10", "mrr", "seeds", "wall_seconds"} <= set(r)
         assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and r["seeds"] == [0] and r["steps"] == 2
         assert r["users"] == 610  # every test user of ml-latest-small
-    assert "ml_latest_small" in out.with_suffix(".md").read_text()
+        assert r["selected_epochs"] == [0]  # the one (stopped) epoch's evaluation was the validation best
+    md = out.with_suffix(".md").read_text()
+    assert "ml_latest_small" in md and re.search(r"\| \d+ \(best 0\) \| 2 \|", md), md
     assert not stale.exists(), "a fresh run must not keep an earlier run's checkpoints"
     assert "[eval_real] ml_latest_small svd_r4_s0" in proc.stdout
