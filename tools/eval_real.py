@@ -116,6 +116,7 @@ def run_one(dataset: str, model: str, rank: Optional[int], seed: int, args) -> D
             "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps, "overrides": overrides,
             "valid_history": summary["history"], "protocols": protocols,
             "selected_epoch": (summary.get("selected") or {}).get("epoch"),
+            "epochs_trained": 1 + max((h["epoch"] for h in summary["history"]), default=-1),
             "full_max_users": cfg.next_item.full_max_users, "config": spec["config"]}
 
 
@@ -135,6 +136,7 @@ def records_for(dataset: str, model: str, rank: Optional[int], runs: List[Dict],
             "per_seed": vals, "users": runs[0]["test"][f"{proto}_count"],
             "epochs": runs[0]["epochs"], "max_steps": runs[0]["max_steps"], "steps": runs[0]["steps"],
             "selected_epochs": [r.get("selected_epoch") for r in runs],
+            "epochs_trained": [r.get("epochs_trained") for r in runs],
             "full_max_users": runs[0]["full_max_users"] if proto == "full" else None,
             "config": runs[0]["config"], "overrides": runs[0]["overrides"], "command": command,
         })
@@ -156,7 +158,11 @@ def _seeds_note(a: Dict, b: Dict) -> str:
 def _epochs(r: Dict) -> str:
     """Epochs trained, and the validation-selected epoch of each seed where there was a selection."""
     sel = [e for e in r.get("selected_epochs") or [] if e is not None]
-    return f"{r.get('epochs', '')}" + (f" (best {','.join(map(str, sel))})" if sel else "")
+    trained = sorted({e for e in r.get("epochs_trained") or [] if e is not None})
+    out = f"{r.get('epochs', '')}"
+    if trained and trained != [r.get("epochs")]:  # early stopping ended some run before the last epoch
+        out = f"{','.join(map(str, trained))} of {out}"
+    return out + (f" (best {','.join(map(str, sel))})" if sel else "")
 
 
 def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, float]]] = None) -> str:
@@ -167,7 +173,8 @@ def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, floa
              "(fixed by the converter's seed). `full`: the target among all items, the user's history items "
              "excluded. Ties count against the target. Metrics are on the test split, scored once, with the weights "
              "of the last epoch or, where the config sets `train.select_metric`, of the epoch with the best "
-             "validation metric (`epochs` then reads `8 (best 4)`, epochs counted from 0): never a selection "
+             "validation metric (`epochs` then reads `7 of 10 (best 4)`: 7 epochs trained of at most 10, early "
+             "stopping, the weights of epoch 4 tested, epochs counted from 0): never a selection "
              "on test. Mean over the listed seeds. `epochs`/`steps` show how short each run was "
              "— compare with the published numbers only when the budget matches. `users` is the number of "
              "test users ranked (full ranking may use a fixed random subset: `next_item.full_max_users`). "

@@ -36,6 +36,6 @@ def test_bench_quality_smoke(tmp_path):
         assert r["users"] == 610  # every test user of ml-latest-small
         assert r["selected_epochs"] == [0]  # the one (stopped) epoch's evaluation was the validation best
     md = out.with_suffix(".md").read_text()
-    assert "ml_latest_small" in md and re.search(r"\| \d+ \(best 0\) \| 2 \|", md), md
+    assert "ml_latest_small" in md and re.search(r"\| 1 of \d+ \(best 0\) \| 2 \|", md), md
     assert not stale.exists(), "a fresh run must not keep an earlier run's checkpoints"
     assert "[eval_real] ml_latest_small svd_r4_s0" in proc.stdout
