@@ -72,12 +72,13 @@ def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
 def cmd_eval(args: argparse.Namespace, rest: Sequence[str]) -> int:
     cfg = load_config(args.config, _split_overrides(rest))
     from .parallel.groups import shutdown
-    from .train.checkpoint import latest_checkpoint
+    from .train.checkpoint import evaluation_checkpoint
     from .train.next_item import make_trainer
 
     trainer = make_trainer(cfg)
     try:
-        path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(cfg.train.run_dir)
+        path = Path(args.checkpoint) if args.checkpoint else evaluation_checkpoint(cfg.train.run_dir,
+                                                                                   cfg.train.select_metric)
         if path is None or not trainer.restore(path):
             raise FileNotFoundError(f"no complete checkpoint under {cfg.train.run_dir}/checkpoints")
         m = trainer.evaluate()
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train (and evaluate) a model: solar train CONFIG [key=value ...]")
     t.add_argument("config")
-    e = sub.add_parser("eval", help="evaluate the newest (or a given) checkpoint")
+    e = sub.add_parser("eval", help="evaluate the selected (train.select_metric), newest or a given checkpoint")
     e.add_argument("config")
     e.add_argument("--checkpoint", default=None)
     d = sub.add_parser("data", help="synth | validate | convert")

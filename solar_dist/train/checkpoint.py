@@ -42,6 +42,13 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return max(done)[1] if done else None
 
 
+def evaluation_checkpoint(run_dir: str | Path, select_metric: str = "") -> Optional[Path]:
+    """The checkpoint to evaluate: with model selection (train.select_metric) the best validation epoch's
+    (run_dir/best), else the newest one."""
+    best = latest_checkpoint(Path(run_dir) / "best") if select_metric else None
+    return best or latest_checkpoint(run_dir)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -110,6 +110,10 @@ def test_select_metric_restores_the_selected_epoch(tiny_data, tmp_path):
     assert summary["steps"] == t.global_step  # the step count (and the resume checkpoint) stay the last
     assert (t.run_dir / "checkpoints" / f"step-{summary['steps']}" / "COMPLETE").is_file()
     assert [p.name for p in (t.run_dir / "best" / "checkpoints").iterdir()] == [f"step-{sel['step']}"]
+    from solar_dist.train.checkpoint import evaluation_checkpoint  # what `solar eval` scores
+
+    assert evaluation_checkpoint(t.run_dir, "auc").name == f"step-{sel['step']}"
+    assert evaluation_checkpoint(t.run_dir).name == f"step-{summary['steps']}"
     t.close()
 
 
