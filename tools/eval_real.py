@@ -8,7 +8,8 @@
 Every model of a data set runs with the same config (configs/<dataset>.yaml), the same epochs/steps, seeds and
 evaluation; only `model.attention` (svd | sdpa | truncate with truncate_k=50) and `model.rank` change. Training
 selects nothing on the test split: the model after the last epoch, or the epoch that was best on validation
-where the config sets `train.select_metric`, is evaluated once on the test split (every user with >= 3 events). Missing data sets are converted from ../shared/data first.
+where the config sets `train.select_metric`, is evaluated once on the test split (every user with >= 3
+events). Missing data sets are converted from ../shared/data first.
 
 docs/results.json is a list of records {dataset, model, rank, protocol, hr@10, ndcg@10, mrr, seeds,
 wall_seconds, ...}; a run replaces earlier records with the same (dataset, model, rank, protocol) unless
@@ -227,7 +228,8 @@ def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, floa
                 if svd and ex:
                     b = max(svd, key=lambda r: r["ndcg@10"])
                     rel = (b["ndcg@10"] - ex[0]["ndcg@10"]) / max(ex[0]["ndcg@10"], 1e-12)
-                    verdict = "at most 1% below exact: met" if rel >= -0.01 else "more than 1% below exact: NOT met"
+                    verdict = ("at most 1% below exact: met" if rel >= -0.01
+                               else "more than 1% below exact: NOT met")
                     checks.append(f"- {proto}: SVD (r={b['rank']}) vs exact NDCG@10: {rel * 100:+.2f}% relative — "
                                   f"{verdict}{_seeds_note(b, ex[0])}")
         if popularity and ds in popularity:
