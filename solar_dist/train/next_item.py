@@ -32,16 +32,13 @@ model scores zero rather than being lucky.
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from ..config import SolarConfig
@@ -51,116 +48,12 @@ from ..data.schema import DatasetMeta, dataset_exists, read_split
 from ..model.jagged import jagged_to_padded, segment_ids
 from ..model.losses import catalogue_logsumexp
 from ..model.solar import tower_head, tower_inputs
+from ..data.sequences import SEQUENCES, Sequences
+from .ranking import dense_target_ranks, jagged_target_ranks, metric_sums, rank_metrics, sums_to_metrics
 from .trainer import Trainer
 
-SEQUENCES = "sequences.parquet"
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-def rank_metrics(ranks: np.ndarray | torch.Tensor, k: int = 10) -> Dict[str, float]:
-    """0-based ranks of the single relevant item per query -> HR@k, NDCG@k, MRR (untruncated) averages."""
-    r = torch.as_tensor(ranks, dtype=torch.float64)
-    if r.numel() == 0:
-        return {f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan"), "mrr": float("nan"), "count": 0.0}
-    hit = r < k
-    return {f"hr@{k}": float(hit.double().mean()),
-            f"ndcg@{k}": float((hit.double() / torch.log2(r + 2.0)).mean()),
-            "mrr": float((1.0 / (r + 1.0)).mean()), "count": float(r.numel())}
-
-
-def metric_sums(ranks: torch.Tensor, k: int) -> torch.Tensor:
-    """(hit sum, ndcg sum, rr sum, count) for summing over batches and ranks."""
-    r = ranks.double()
-    hit = (r < k).double()
-    return torch.stack([hit.sum(), (hit / torch.log2(r + 2.0)).sum(), (1.0 / (r + 1.0)).sum(),
-                        torch.tensor(float(r.numel()), dtype=torch.float64)])
-
-
-def sums_to_metrics(s: Sequence[float], k: int) -> Dict[str, float]:
-    n = max(s[3], 1.0)
-    return {f"hr@{k}": s[0] / n, f"ndcg@{k}": s[1] / n, "mrr": s[2] / n, "count": s[3]}
-
-
-def jagged_target_ranks(logits: torch.Tensor, labels: torch.Tensor, cand_lengths: torch.Tensor) -> torch.Tensor:
-    """Per request: number of other candidates whose logit is >= the positive's (ties count against it).
-    Every request must hold exactly one positive label."""
-    seg = segment_ids(cand_lengths)
-    B = cand_lengths.numel()
-    pos = labels > 0.5
-    npos = torch.zeros(B, dtype=torch.long).index_add(0, seg, pos.long())
-    if not bool((npos == 1).all()):
-        bad = int(torch.nonzero(npos != 1)[0])
-        raise ValueError(f"request {bad} of the batch has {int(npos[bad])} positive labels; next-item "
-                         f"evaluation needs exactly one")
-    target = torch.zeros(B, dtype=logits.dtype).index_add(0, seg, torch.where(pos, logits, torch.zeros_like(logits)))
-    ge = (logits >= target[seg]) & ~pos
-    return torch.zeros(B, dtype=torch.long).index_add(0, seg, ge.long())
-
-
-def dense_target_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
-    """scores (B, I); target (B,) column of the relevant item; exclude (B, I) bool (items not ranked; the
-    target column is never excluded). Returns the number of ranked non-target items scoring >= the target."""
-    B = scores.shape[0]
-    rows = torch.arange(B)
-    t = scores[rows, target]
-    keep = ~exclude
-    keep[rows, target] = False  # the target is not counted against itself
-    return ((scores >= t[:, None]) & keep).sum(1)
-
-
-# ---------------------------------------------------------------------------------------------- sequences
-@dataclass
-class Sequences:
-    """Every user's full chronological sequence (from the converter's sequences.parquet)."""
-
-    user_ids: np.ndarray  # (U,)
-    offsets: np.ndarray  # (U+1,)
-    items: np.ndarray  # flat
-    num_train: np.ndarray  # (U,) length of the training prefix
-    ts: Optional[np.ndarray] = None
-    action: Optional[np.ndarray] = None
-
-    @staticmethod
-    def load(root: str | Path) -> "Sequences":
-        path = Path(root) / SEQUENCES
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: next-item training needs a data set written by "
-                                    f"`solar data convert` (it stores every user's full sequence)")
-        t = pq.read_table(path)
-
-        def flat(name: str):
-            col = t.column(name).combine_chunks()
-            off = col.offsets.to_numpy()
-            return col.values.to_numpy(zero_copy_only=False)[off[0]: off[-1]].astype(np.int64), off - off[0]
-
-        items, offsets = flat("item_ids")
-        ts = flat("ts")[0] if "ts" in t.column_names else None
-        action = flat("action")[0] if "action" in t.column_names else None
-        return Sequences(t.column("user_id").to_numpy().astype(np.int64), offsets.astype(np.int64), items,
-                         t.column("num_train").to_numpy().astype(np.int64), ts, action)
-
-    def train_item_counts(self, num_items: int) -> np.ndarray:
-        """How often each item occurs in the training prefixes (popularity; validation/test targets excluded)."""
-        idx = np.concatenate([np.arange(o, o + m) for o, m in zip(self.offsets[:-1], self.num_train)]) \
-            if len(self.num_train) else np.zeros(0, np.int64)
-        return np.bincount(self.items[idx], minlength=num_items).astype(np.float64)
-
-    def cut_points(self, per_user: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(user index, cut c) pairs: history = sequence[:c], target = sequence[c], 1 <= c < num_train."""
-        us, cs = [], []
-        for j, m in enumerate(self.num_train):
-            n_cuts = int(m) - 1
-            if n_cuts <= 0:
-                continue
-            if per_user and n_cuts > per_user:
-                c = np.sort(rng.choice(n_cuts, size=per_user, replace=False)) + 1
-            else:
-                c = np.arange(1, n_cuts + 1)
-            us.append(np.full(len(c), j, dtype=np.int64))
-            cs.append(c.astype(np.int64))
-        if not us:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(us), np.concatenate(cs)
+__all__ = ["NegativeSampler", "NextItemLoader", "NextItemTrainer", "Sequences", "all_position_loss", "make_trainer",
+           "popularity_metrics", "rank_metrics", "jagged_target_ranks", "dense_target_ranks"]
 
 
 class NegativeSampler:
