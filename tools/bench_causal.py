@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", default=list(BENCH_KINDS), choices=list(BENCH_KINDS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: the module and inputs in bf16 (the interests factorise in float32 inside)")
     p.add_argument("--json", type=Path, default=None)
     return p
 
@@ -53,22 +56,28 @@ def run(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     module = SVDAttention(args.dim, args.heads, args.rank, svd_method=args.svd_method, power_iters=1)
-    rel = torch.zeros(args.heads, args.window + 1, requires_grad=True)
+    module = module.to(device=device, dtype=dtype)
+    rel = torch.zeros(args.heads, args.window + 1, device=device, dtype=dtype, requires_grad=True)
     records = []
     for n in args.n:
-        x = torch.randn(args.batch, n, args.dim, requires_grad=True)
-        mask = torch.ones(args.batch, n, dtype=torch.bool)
+        x = torch.randn(args.batch, n, args.dim, device=device, dtype=dtype, requires_grad=True)
+        mask = torch.ones(args.batch, n, dtype=torch.bool, device=device)
         for kind in args.kinds:
             op_kind, prefix = ("svd", "recompute") if kind == "svd_recompute" else (kind, "cumulative")
             times = []
             for i in range(args.repeats + 1):
+                sync()
                 t0 = time.perf_counter()
-                causal_attention(module, x, mask, args.window, rel, op_kind, prefix).square().mean().backward()
+                causal_attention(module, x, mask, args.window, rel, op_kind, prefix).float().square().mean().backward()
+                sync()
                 if i:  # the first call warms up
                     times.append(time.perf_counter() - t0)
             records.append({"kind": kind, "n": n, "batch": args.batch, "dim": args.dim, "heads": args.heads,
                             "rank": args.rank, "window": args.window, "svd_method": args.svd_method,
+                            "device": str(device), "dtype": args.dtype,
                             "seconds": statistics.median(times)})
     return records
 
