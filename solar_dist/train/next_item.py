@@ -45,10 +45,10 @@ from ..config import SolarConfig
 from ..data.batch import CAND_ITEM, Batch, collate
 from ..data.loader import BatchPlan, LoaderPosition, LoaderState, _prefetch, eval_loader
 from ..data.schema import DatasetMeta, dataset_exists, read_split
+from ..data.sequences import SEQUENCES, Sequences
 from ..model.jagged import jagged_to_padded, segment_ids
 from ..model.losses import catalogue_logsumexp
 from ..model.solar import tower_head, tower_inputs
-from ..data.sequences import SEQUENCES, Sequences
 from .ranking import dense_target_ranks, jagged_target_ranks, metric_sums, rank_metrics, sums_to_metrics
 from .trainer import Trainer
 
