@@ -81,7 +81,8 @@ class EmbeddingConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     # Per-table constraints for the planner: sharding type (table_wise | row_wise | column_wise |
-    # data_parallel, or "" = planner's choice) and compute kernel (fused | dense | "" = planner's choice).
+    # table_row_wise, or "" = planner's choice) and compute kernel (fused, or "" = planner's choice).
+    # data_parallel / dense are refused: nothing would update such a table (see _DATA_PARALLEL_REFUSAL).
     sharding_types: Dict[str, str] = field(default_factory=dict)
     compute_kernels: Dict[str, str] = field(default_factory=dict)
     init_std: float = 0.02
@@ -281,8 +282,14 @@ CHOICES: Dict[str, Sequence[str]] = {
     "train.select_mode": ("max", "min"),
     "eval.split": ("valid", "test"),
 }
-SHARDING_TYPES = ("", "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
-COMPUTE_KERNELS = ("", "fused", "dense")
+SHARDING_TYPES = ("", "table_wise", "row_wise", "column_wise", "table_row_wise")
+COMPUTE_KERNELS = ("", "fused")
+# TorchRec's data_parallel sharding (the only one with the `dense` kernel) replicates a table and leaves its
+# update to a dense optimizer over `.grad`; solar-dist trains tables only through the fused in-backward
+# optimizer, so such a table would never change (measured: weights identical after training). Refused by name
+# until a data-parallel table optimizer exists.
+_DATA_PARALLEL_REFUSAL = ("data-parallel tables (sharding data_parallel, kernel dense) are not trained by "
+                          "solar-dist: their weights would never update; use table_wise, row_wise or column_wise")
 EVAL_METRICS = ("auc", "gauc", "ne", "logloss")
 
 # (key, lower bound, inclusive?) for numbers that must be positive / non-negative.
@@ -359,9 +366,13 @@ def validate(cfg: Any) -> None:
     if s.valid_fraction + s.test_fraction >= 1:
         raise ConfigError("data.synth.valid_fraction + data.synth.test_fraction must be < 1")
     for table, st in e.sharding_types.items():
+        if st == "data_parallel":
+            raise ConfigError(f"embedding.sharding_types.{table}=data_parallel: {_DATA_PARALLEL_REFUSAL}")
         if st not in SHARDING_TYPES:
             raise ConfigError(f"embedding.sharding_types.{table}={st!r}; choose one of {list(SHARDING_TYPES)}")
     for table, ck in e.compute_kernels.items():
+        if ck == "dense":
+            raise ConfigError(f"embedding.compute_kernels.{table}=dense: {_DATA_PARALLEL_REFUSAL}")
         if ck not in COMPUTE_KERNELS:
             raise ConfigError(f"embedding.compute_kernels.{table}={ck!r}; choose one of {list(COMPUTE_KERNELS)}")
     for name in cfg.eval.metrics:

@@ -31,6 +31,8 @@ def test_overrides_apply_with_types():
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
     ("data.synth.min_hist_len=500", "data.synth.min_hist_len"),  # min > max (max set to 100 below)
     ("embedding.sharding_types={item: diagonal}", "embedding.sharding_types.item"),
+    ("embedding.sharding_types={user: data_parallel}", "embedding.sharding_types.user=data_parallel"),
+    ("embedding.compute_kernels={item: dense}", "embedding.compute_kernels.item=dense"),
     ("eval.metrics=[auc,precision]", "eval.metrics"),
     ("model.dropout=1.5", "model.dropout"),
     ("train.select_mode=largest", "train.select_mode"),

@@ -24,8 +24,9 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from ..config import SolarConfig
 from ..model.sparse import ITEM_TABLE, USER_TABLE
 
-# Defaults when the config leaves a table to the planner. Data-parallel tables are excluded: they would need
-# their own gradient all-reduce, which init_data_parallel=False does not provide.
+# Defaults when the config leaves a table to the planner. Data-parallel tables are excluded: TorchRec wraps
+# their lookup in DDP and expects a dense optimizer over `.grad`, which the fused in-backward optimizer
+# attached here does not provide, so they would never be trained (config.py refuses them by name).
 DEFAULT_SHARDING = {ITEM_TABLE: ["row_wise", "table_wise", "column_wise"],
                     USER_TABLE: ["table_wise", "column_wise"]}
 ANY_SHARDING = ["table_wise", "row_wise", "column_wise"]
