@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from solar_dist.config import load_config  # noqa: E402
 from solar_dist.data.schema import DatasetMeta, read_split  # noqa: E402
@@ -73,14 +73,13 @@ class DenseNextItem(nn.Module):
         return self.tower(self.items(hist), lengths, mode="states")
 
 
-def _windows(seqs: Sequences, max_len: int):
-    """Per training user: flat index of its history positions (the last max_len of the training prefix,
-    minus the final event, which has no next event) -> the positions' items and next items."""
+def _windows(seqs: Sequences, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) in the flat item array of each training user's history positions: the last max_len
+    events of the training prefix but its final one, which has no next event to predict."""
     users = np.flatnonzero(seqs.num_train >= 2)
     cut = seqs.num_train[users] - 1
     start = seqs.offsets[users] + (np.maximum(cut - max_len, 0) if max_len else 0)
-    length = seqs.offsets[users] + cut - start
-    return users, start, length
+    return start, seqs.offsets[users] + cut - start
 
 
 def _batch_index(start: np.ndarray, length: np.ndarray) -> np.ndarray:
@@ -170,7 +169,7 @@ def run(args) -> dict:
         pick = np.sort(np.random.default_rng(0).choice(valid.num_rows, cfg.next_item.eval_max_users, replace=False))
         valid = valid.take(pick)
     L = cfg.data.max_hist_len
-    _, start, length = _windows(seqs, L)
+    start, length = _windows(seqs, L)
     model = DenseNextItem(cfg, meta.num_items).to(device)
     lr = args.lr or cfg.deepspeed.lr
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))

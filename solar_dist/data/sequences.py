@@ -64,4 +64,3 @@ class Sequences:
         if not us:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(us), np.concatenate(cs)
-

@@ -1,24 +1,12 @@
 """Smoke test of tools/bench_attention.py (tiny sizes; checks the JSON record format and the plot)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-import pytest
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_attention.py"
+import tools.bench_attention as bench
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_attention", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_bench_smoke(bench, tmp_path, capsys):
+def test_bench_smoke(tmp_path, capsys):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     rc = bench.main(["--n", "64", "--m", "0", "16", "--rank", "4", "--dim", "16", "--heads", "2",
                      "--batch", "1", "--methods", "svd", "sdpa", "linear", "truncate", "oracle",
@@ -36,13 +24,13 @@ def test_bench_smoke(bench, tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out
 
 
-def test_bench_parser_defaults(bench):
+def test_bench_parser_defaults():
     args = bench.build_parser().parse_args([])
     assert args.n == [1000, 2000, 5000, 10000, 20000] and args.rank == [8, 16, 32] and args.passes == ["fwd", "fwdbwd"]
     assert bench._parse_m(["self", "0", "1000"]) == [0, 0, 1000]
 
 
-def test_bench_peak_bytes(bench):
+def test_bench_peak_bytes():
     import torch
 
     from solar_dist.ops import make_attention

@@ -2,9 +2,7 @@
 direct computation, and a short end-to-end run."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,19 +10,11 @@ import torch
 
 from solar_dist.config import load_config
 from solar_dist.data.schema import DatasetMeta, read_split
+import tools.dense_next_item as tool
 from tests.train.test_next_item import NEXT_ITEM_TINY, _tiny_next_item_data
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "dense_next_item.py"
 STATES = ["next_item.train_mode=all_positions", "next_item.train_negatives=0", "model.causal_window=4",
           "next_item.eval_protocols=[sampled100,full]"]
-
-
-@pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("dense_next_item", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _direct(model, table, max_len: int, k: int = 10):
@@ -54,7 +44,7 @@ def _direct(model, table, max_len: int, k: int = 10):
 
 
 @pytest.mark.parametrize("max_len", [0, 5])
-def test_batched_evaluation_matches_row_by_row(tool, tmp_path, max_len):
+def test_batched_evaluation_matches_row_by_row(tmp_path, max_len):
     root = _tiny_next_item_data(tmp_path)
     cfg = load_config(None, NEXT_ITEM_TINY + STATES + [f"data.path={root}", f"data.max_hist_len={max_len}"])
     torch.manual_seed(0)
@@ -71,7 +61,7 @@ def test_batched_evaluation_matches_row_by_row(tool, tmp_path, max_len):
     assert got["full_count"] == got["sampled100_count"] == table.num_rows > 30
 
 
-def test_short_run_trains_and_writes_its_record(tool, tmp_path, capsys):
+def test_short_run_trains_and_writes_its_record(tmp_path, capsys):
     root = _tiny_next_item_data(tmp_path)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("")
@@ -92,7 +82,7 @@ def test_short_run_trains_and_writes_its_record(tool, tmp_path, capsys):
     assert "svd/4" in capsys.readouterr().out
 
 
-def test_rejects_a_ranking_config(tool, tmp_path):
+def test_rejects_a_ranking_config(tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("")
     with pytest.raises(ValueError, match="data.task"):
