@@ -1,7 +1,10 @@
-"""Input generators shared by the ops tests."""
+"""Input generators and module builders shared by the ops tests."""
 from __future__ import annotations
 
 import torch
+from hypothesis import strategies as st
+
+from solar_dist.ops import make_attention
 
 
 def orth(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -53,3 +56,43 @@ def align_signs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Flip rows of a (B, r, D) to match b's orientation (for comparisons where the sign is ill-conditioned)."""
     s = torch.where((a * b).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(a.dtype)
     return a * s
+
+
+def attention_module(kind="svd", D=8, H=2, r=3, dtype=torch.float64, seed=0, **kw):
+    """make_attention(kind, D, H, r, **kw) in `dtype`, seeded, with non-zero biases so that every bias path
+    is exercised."""
+    torch.manual_seed(seed)
+    m = make_attention(kind, D, H, r, **kw).to(dtype)
+    with torch.no_grad():
+        for lin in (m.q_proj, m.k_proj, m.v_proj, m.out_proj):
+            lin.bias.normal_()
+    return m
+
+
+@st.composite
+def attn_cases(draw, max_width: int = 4, max_batch: int = 3, max_n: int = 16, max_queries: int = 5):
+    """Random attention problems: heads H, width D = H·(1..max_width), B users with jagged lengths in [0, N],
+    L queries, rank r <= D, k extra tokens, and a seed for attention_inputs."""
+    H = draw(st.sampled_from([1, 2, 4]))
+    D = H * draw(st.integers(1, max_width))
+    B = draw(st.integers(1, max_batch))
+    N = draw(st.integers(1, max_n))
+    L = draw(st.integers(1, max_queries))
+    lengths = [draw(st.integers(0, N)) for _ in range(B)]
+    r = draw(st.integers(1, D))
+    k = draw(st.integers(0, 3))
+    return dict(H=H, D=D, B=B, N=N, L=L, lengths=lengths, r=r, k=k, seed=draw(st.integers(0, 2 ** 16)))
+
+
+def attention_inputs(c, dtype=torch.float64):
+    """(query, memory, memory mask, query mask, extra tokens, extra mask) for one attn_cases draw; no extra
+    tokens (None, None) when k = 0."""
+    g = torch.Generator().manual_seed(c["seed"])
+    mem, mask = jagged_batch(c["lengths"], c["N"], c["D"], g, dtype=dtype)
+    q = torch.randn(c["B"], c["L"], c["D"], generator=g, dtype=torch.float64).to(dtype)
+    qmask = torch.rand(c["B"], c["L"], generator=g) < 0.8
+    extra = extra_mask = None
+    if c["k"]:
+        extra = torch.randn(c["B"], c["k"], c["D"], generator=g, dtype=torch.float64).to(dtype)
+        extra_mask = torch.rand(c["B"], c["k"], generator=g) < 0.7
+    return q, mem, mask, qmask, extra, extra_mask

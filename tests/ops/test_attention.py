@@ -9,43 +9,9 @@ from hypothesis import strategies as st
 from solar_dist.ops import ATTENTION_KINDS, SVDAttention, make_attention
 from solar_dist.ops.reference import ref_exact_attention, ref_mha, ref_svd_attention
 
-from ._helpers import jagged_batch, low_rank_user
+from ._helpers import attention_inputs, attention_module, attn_cases, jagged_batch, low_rank_user
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _module(kind="svd", D=8, H=2, r=3, dtype=torch.float64, seed=0, **kw):
-    torch.manual_seed(seed)
-    m = make_attention(kind, D, H, r, **kw).to(dtype)
-    with torch.no_grad():  # non-zero biases, so that every bias path is exercised
-        for lin in (m.q_proj, m.k_proj, m.v_proj, m.out_proj):
-            lin.bias.normal_()
-    return m
-
-
-@st.composite
-def attn_cases(draw):
-    H = draw(st.sampled_from([1, 2, 4]))
-    D = H * draw(st.integers(1, 4))
-    B = draw(st.integers(1, 3))
-    N = draw(st.integers(1, 16))
-    L = draw(st.integers(1, 5))
-    lengths = [draw(st.integers(0, N)) for _ in range(B)]
-    r = draw(st.integers(1, D))
-    k = draw(st.integers(0, 3))
-    return dict(H=H, D=D, B=B, N=N, L=L, lengths=lengths, r=r, k=k, seed=draw(st.integers(0, 2 ** 16)))
-
-
-def _inputs(c, dtype=torch.float64):
-    g = torch.Generator().manual_seed(c["seed"])
-    mem, mask = jagged_batch(c["lengths"], c["N"], c["D"], g, dtype=dtype)
-    q = torch.randn(c["B"], c["L"], c["D"], generator=g, dtype=torch.float64).to(dtype)
-    qmask = torch.rand(c["B"], c["L"], generator=g) < 0.8
-    extra = extra_mask = None
-    if c["k"]:
-        extra = torch.randn(c["B"], c["k"], c["D"], generator=g, dtype=torch.float64).to(dtype)
-        extra_mask = torch.rand(c["B"], c["k"], generator=g) < 0.7
-    return q, mem, mask, qmask, extra, extra_mask
 
 
 @SETTINGS
@@ -54,9 +20,9 @@ def _inputs(c, dtype=torch.float64):
 def test_equals_sdpa_over_reference_interests(c, method, mass_bias, kernel):
     """§5.1: SVDAttention == SDPA (float64) over the r tokens Z̃ computed independently by the reference,
     with extra tokens in the same softmax, query masks, mass bias, both kernels."""
-    m = _module(D=c["D"], H=c["H"], r=c["r"], svd_method=method, mass_bias=mass_bias, seed=c["seed"])
+    m = attention_module(D=c["D"], H=c["H"], r=c["r"], svd_method=method, mass_bias=mass_bias, seed=c["seed"])
     m.small_kernel = kernel
-    q, mem, mask, qmask, extra, emask = _inputs(c)
+    q, mem, mask, qmask, extra, emask = attention_inputs(c)
     out = m(q, mem, mask, query_mask=qmask, extra_kv=extra, extra_mask=emask)
     ref = ref_svd_attention(m, q, mem, mask, query_mask=qmask, extra_kv=extra, extra_mask=emask, use_sdpa=True)
     torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-8)
@@ -65,8 +31,8 @@ def test_equals_sdpa_over_reference_interests(c, method, mass_bias, kernel):
 @settings(max_examples=10, deadline=None)
 @given(attn_cases(), st.sampled_from(["exact", "gram", "randomized"]))
 def test_float32_fast_path_vs_reference(c, method):
-    m = _module(D=c["D"], H=c["H"], r=c["r"], svd_method=method, dtype=torch.float32, seed=c["seed"])
-    q, mem, mask, qmask, extra, emask = _inputs(c, torch.float32)
+    m = attention_module(D=c["D"], H=c["H"], r=c["r"], svd_method=method, dtype=torch.float32, seed=c["seed"])
+    q, mem, mask, qmask, extra, emask = attention_inputs(c, torch.float32)
     out = m(q, mem, mask, query_mask=qmask, extra_kv=extra, extra_mask=emask)
     ref = ref_svd_attention(m, q, mem, mask, query_mask=qmask, extra_kv=extra, extra_mask=emask)
     torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3)
@@ -84,7 +50,7 @@ def test_rank_deficient_output_independent_of_r(method, dtype):
     q = torch.randn(2, 4, D, generator=g, dtype=torch.float64).to(dtype)
     outs = []
     for r in (k, 5, 8):
-        m = _module(D=D, H=3, r=r, svd_method=method, dtype=dtype)
+        m = attention_module(D=D, H=3, r=r, svd_method=method, dtype=dtype)
         outs.append(m(q, mem, mask))
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
     for o in outs[1:]:
@@ -97,7 +63,7 @@ def test_permutation_padding_and_jagged(method):
     g = torch.Generator().manual_seed(2)
     mem, mask = jagged_batch([10, 4, 0, 16], 16, 8, g)
     q = torch.randn(4, 5, 8, generator=g, dtype=torch.float64)
-    m = _module(D=8, H=2, r=4, svd_method=method, mass_bias=True)
+    m = attention_module(D=8, H=2, r=4, svd_method=method, mass_bias=True)
     out = m(q, mem, mask)
     perm = torch.randperm(16, generator=g)
     torch.testing.assert_close(m(q, mem[:, perm], mask[:, perm]), out)
@@ -110,7 +76,7 @@ def test_permutation_padding_and_jagged(method):
 
 
 def test_all_masked_rows_output_zero_and_finite_grads():
-    m = _module(D=8, H=2, r=2)
+    m = attention_module(D=8, H=2, r=2)
     mem = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, :3] = True
@@ -128,7 +94,7 @@ def test_all_masked_rows_output_zero_and_finite_grads():
 
 def test_extra_tokens_only():
     """With no memory rows, the extra tokens alone form the key set (design §8)."""
-    m = _module(D=8, H=2, r=2)
+    m = attention_module(D=8, H=2, r=2)
     q = torch.randn(1, 3, 8, dtype=torch.float64)
     mem = torch.zeros(1, 4, 8, dtype=torch.float64)
     mask = torch.zeros(1, 4, dtype=torch.bool)
@@ -146,7 +112,7 @@ def test_exact_baseline_matches_reference(with_extra):
     q = torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
     extra = torch.randn(3, 2, 8, generator=g, dtype=torch.float64) if with_extra else None
     emask = torch.tensor([[True, False], [True, True], [False, False]]) if with_extra else None
-    m = _module("sdpa", D=8, H=2, r=2)
+    m = attention_module("sdpa", D=8, H=2, r=2)
     out = m(q, mem, mask, extra_kv=extra, extra_mask=emask)
     torch.testing.assert_close(out, ref_exact_attention(m, q, mem, mask, extra_kv=extra, extra_mask=emask))
     assert torch.all(out[2] == 0)
@@ -159,8 +125,8 @@ def test_oracle_equals_exact_for_low_rank():
     mask = torch.ones(2, 15, dtype=torch.bool)
     mask[1, 11:] = False
     q = torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
-    ex = _module("sdpa", D=8, H=2, r=4)
-    orc = _module("oracle", D=8, H=2, r=4, svd_method="exact")
+    ex = attention_module("sdpa", D=8, H=2, r=4)
+    orc = attention_module("oracle", D=8, H=2, r=4, svd_method="exact")
     orc.load_state_dict(ex.state_dict())
     torch.testing.assert_close(orc(q, mem, mask), ex(q, mem, mask))
 
@@ -169,8 +135,8 @@ def test_truncate_uses_last_k_valid_rows():
     g = torch.Generator().manual_seed(5)
     mem, mask = jagged_batch([9, 2, 0], 10, 8, g)
     q = torch.randn(3, 3, 8, generator=g, dtype=torch.float64)
-    tr = _module("truncate", D=8, H=2, r=2, truncate_k=4)
-    ex = _module("sdpa", D=8, H=2, r=2)
+    tr = attention_module("truncate", D=8, H=2, r=2, truncate_k=4)
+    ex = attention_module("sdpa", D=8, H=2, r=2)
     ex.load_state_dict(tr.state_dict())
     out = tr(q, mem, mask)
     m2 = mask.clone()
@@ -188,7 +154,7 @@ def test_linear_attention_matches_direct_formula():
     mem, mask = jagged_batch([6, 3], 6, 8, g)
     q = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
     extra = torch.randn(2, 2, 8, generator=g, dtype=torch.float64)
-    m = _module("linear", D=8, H=2, r=2)
+    m = attention_module("linear", D=8, H=2, r=2)
     out = m(q, mem, mask, extra_kv=extra)
     phi = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
     for b in range(2):
@@ -203,7 +169,7 @@ def test_linear_attention_matches_direct_formula():
 
 @pytest.mark.parametrize("kind", sorted(ATTENTION_KINDS))
 def test_all_kinds_shapes_masks_grads(kind):
-    m = _module(kind, D=8, H=2, r=3, dtype=torch.float32, truncate_k=3)
+    m = attention_module(kind, D=8, H=2, r=3, dtype=torch.float32, truncate_k=3)
     mem = torch.randn(2, 7, 8, requires_grad=True)
     mask = torch.zeros(2, 7, dtype=torch.bool)
     mask[0, :5] = True

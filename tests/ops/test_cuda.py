@@ -19,43 +19,18 @@ from solar_dist.ops.causal import causal_attention
 from solar_dist.ops.interests import prefix_interests
 from solar_dist.ops.reference import ref_causal_attention, ref_svd_attention
 
-from ._helpers import jagged_batch
+from ._helpers import attention_inputs, attention_module, attn_cases, jagged_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU machines only)")
 
 CUDA = torch.device("cuda")
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def cases(draw):
-    H = draw(st.sampled_from([1, 2, 4]))
-    D = H * draw(st.integers(1, 6))
-    B = draw(st.integers(1, 4))
-    N = draw(st.integers(1, 40))
-    return dict(H=H, D=D, B=B, N=N, L=draw(st.integers(1, 9)), lengths=[draw(st.integers(0, N)) for _ in range(B)],
-                r=draw(st.integers(1, D)), k=draw(st.integers(0, 3)), seed=draw(st.integers(0, 2 ** 16)))
+CASES = attn_cases(max_width=6, max_batch=4, max_n=40, max_queries=9)  # wider and longer than the CPU tests'
 
 
 def _module(c, method, dtype=torch.float64, mass_bias=False):
-    torch.manual_seed(c["seed"])
-    m = make_attention("svd", c["D"], c["H"], c["r"], svd_method=method, mass_bias=mass_bias, power_iters=2)
-    with torch.no_grad():
-        for lin in (m.q_proj, m.k_proj, m.v_proj, m.out_proj):
-            lin.bias.normal_()
-    return m.to(dtype)
-
-
-def _inputs(c):
-    g = torch.Generator().manual_seed(c["seed"])
-    mem, mask = jagged_batch(c["lengths"], c["N"], c["D"], g)
-    q = torch.randn(c["B"], c["L"], c["D"], generator=g, dtype=torch.float64)
-    qmask = torch.rand(c["B"], c["L"], generator=g) < 0.8
-    extra = emask = None
-    if c["k"]:
-        extra = torch.randn(c["B"], c["k"], c["D"], generator=g, dtype=torch.float64)
-        emask = torch.rand(c["B"], c["k"], generator=g) < 0.7
-    return q, mem, mask, qmask, extra, emask
+    return attention_module(D=c["D"], H=c["H"], r=c["r"], dtype=dtype, seed=c["seed"], svd_method=method,
+                            mass_bias=mass_bias, power_iters=2)
 
 
 def _to(xs, device, dtype=None):
@@ -64,10 +39,10 @@ def _to(xs, device, dtype=None):
 
 
 @SETTINGS
-@given(cases(), st.sampled_from(["exact", "gram", "randomized"]), st.booleans())
+@given(CASES, st.sampled_from(["exact", "gram", "randomized"]), st.booleans())
 def test_svd_attention_cuda_float64_matches_reference(c, method, mass_bias):
     m = _module(c, method, mass_bias=mass_bias)
-    q, mem, mask, qmask, extra, emask = _inputs(c)
+    q, mem, mask, qmask, extra, emask = attention_inputs(c)
     ref = ref_svd_attention(m, q, mem, mask, query_mask=qmask, extra_kv=extra, extra_mask=emask)
     mc = copy.deepcopy(m).to(CUDA)
     out = mc(*_to([q, mem, mask], CUDA), query_mask=qmask.to(CUDA), extra_kv=_to([extra], CUDA)[0],
@@ -76,13 +51,13 @@ def test_svd_attention_cuda_float64_matches_reference(c, method, mass_bias):
 
 
 @settings(max_examples=15, deadline=None)
-@given(cases(), st.sampled_from([(torch.float32, 1e-3), (torch.bfloat16, 6e-2)]))
+@given(CASES, st.sampled_from([(torch.float32, 1e-3), (torch.bfloat16, 6e-2)]))
 def test_svd_attention_cuda_low_precision_near_reference(c, dtype_tol):
     """float32 / bfloat16 modules on CUDA (bf16 factorises in float32 inside) vs the float64 twin of the same
     weights, both fed the same rounded inputs; the tolerance is the format's, scaled by the output size."""
     dtype, tol = dtype_tol
     m = _module(c, "randomized", dtype=dtype)
-    q, mem, mask, qmask, extra, emask = _to(_inputs(c), "cpu", dtype)
+    q, mem, mask, qmask, extra, emask = _to(attention_inputs(c), "cpu", dtype)
     mc = copy.deepcopy(m).to(CUDA)
     out = mc(*_to([q, mem, mask], CUDA), query_mask=qmask.to(CUDA), extra_kv=_to([extra], CUDA)[0],
              extra_mask=_to([emask], CUDA)[0])
@@ -99,7 +74,7 @@ def test_svd_attention_cuda_low_precision_near_reference(c, dtype_tol):
 @pytest.mark.parametrize("seed", range(4))
 def test_causal_cuda_matches_reference_and_cpu_gradients(kind, prefix, seed):
     gen = torch.Generator().manual_seed(seed)
-    B, N, D, h, r, w = 3, 29 + seed, 12, 2 + seed % 2 * 1, 4, 5
+    B, N, D, h, r, w = 3, 29 + seed, 12, 2 + seed % 2, 4, 5
     D = D - D % h
     lengths = [N, int(torch.randint(0, N, (1,), generator=gen)), 1]
     x = torch.randn(B, N, D, generator=gen, dtype=torch.float64)
