@@ -391,6 +391,10 @@ def validate(cfg: Any) -> None:
         if cfg.next_item.train_negatives == 0 and cfg.next_item.share_negatives:
             raise ConfigError("next_item.share_negatives=true pools sampled negatives, but train_negatives=0 "
                               "already scores every position against the full catalogue; drop one of them")
+        if cfg.next_item.train_negatives == 0 and cfg.loss.bce_weight > 0:
+            raise ConfigError(f"loss.bce_weight={cfg.loss.bce_weight}: next_item.train_mode=all_positions with "
+                              f"next_item.train_negatives=0 trains a full-catalogue softmax (listwise only); "
+                              f"set loss.bce_weight=0 or next_item.train_negatives > 0")
     tr = cfg.train
     if tr.early_stop_patience and not tr.select_metric:
         raise ConfigError(f"train.early_stop_patience={tr.early_stop_patience} needs train.select_metric (the "

@@ -86,6 +86,7 @@ def test_every_shipped_config_loads(path):
     (["model.attention=linear"], "no causal form"),
     (["parallel.sp=2"], "parallel.sp=2"),
     (["next_item.train_negatives=0", "next_item.share_negatives=true"], "share_negatives=true"),
+    (["next_item.train_negatives=0", "loss.bce_weight=1"], "loss.bce_weight=1.0"),
     (["model.basis_grad=detach"], "causal_prefix=recompute"),
     (["model.causal_prefix=gram"], "causal_prefix"),
 ])

@@ -12,9 +12,10 @@ items are not), or the whole catalogue when `train_negatives=0`. The loss is the
 training sequence (the last `data.max_hist_len`+1 events of it when set); the causal tower (model/tower.py,
 ops/causal.py) gives a state at every position t, which scores the next event e_{t+1} against
 `train_negatives` items sampled per user (shared by the user's positions; a negative equal to a position's
-target is masked out for that position) by dot products with the item embeddings; the loss is softmax
-cross-entropy averaged over every position of the batch. Evaluation scores candidates with the state of the
-last history position. One pass per user trains every position, instead of one prefix per sample.
+target is masked out for that position) by dot products with the item embeddings, or against the whole
+catalogue (`train_negatives=0`); the loss, averaged over every position of the batch, is `loss.listwise_weight`
+x softmax cross-entropy (SASRec+) + `loss.bce_weight` x binary cross-entropy (SASRec's objective; sampled
+negatives only). Evaluation scores candidates with the state of the last history position. One pass per user trains every position, instead of one prefix per sample.
 
 Causality (svd_attention.md §7): a sample's history is exactly the prefix before its target, so the interests
 and the recent window are computed from events strictly before the target; tests/train/test_next_item.py
@@ -40,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import torch.nn.functional as F
 
 from ..config import SolarConfig
 from ..data.batch import CAND_ITEM, Batch, collate
@@ -203,8 +205,13 @@ class NextItemLoader(LoaderPosition):
 # ------------------------------------------------------------------------------------ all-position loss
 def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.Tensor,
                       hist_lengths: torch.Tensor, num_negatives: int, share: bool = False, catalogue: int = 0,
-                      last: int = 0) -> tuple[torch.Tensor, int]:
-    """Softmax cross-entropy of every position's next event against sampled negatives or the whole catalogue.
+                      last: int = 0, listwise_weight: float = 1.0, bce_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Loss of every position's next event against sampled negatives or the whole catalogue.
+
+    Per position: `listwise_weight` x softmax cross-entropy of the target among the negatives (SASRec+) plus
+    `bce_weight` x binary cross-entropy, -log sigmoid(target) - mean over the negatives of log(1 - sigmoid(neg))
+    (SASRec's objective, which draws one negative per position; here the mean over the position's negatives
+    keeps the target and the negatives equally weighted whatever their count). BCE needs sampled negatives.
 
     states (T, D): causal states, jagged by hist_lengths (B,). cand (Tc, D) / cand_ids (Tc,): per user its
     hist_length targets (target of position t = the event after t) followed by `num_negatives` negatives.
@@ -225,6 +232,13 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
     if catalogue and (S or share):
         raise ValueError(f"catalogue={catalogue} (full softmax) excludes sampled negatives; got num_negatives={S}"
                          f", share={share}")
+    if listwise_weight < 0 or bce_weight < 0 or listwise_weight + bce_weight == 0:
+        raise ValueError(f"listwise_weight={listwise_weight} and bce_weight={bce_weight} must be >= 0, not both 0")
+    if catalogue and bce_weight:
+        raise ValueError(f"bce_weight={bce_weight} needs sampled negatives; catalogue={catalogue} is the full "
+                         f"softmax (listwise only)")
+    if not S and bce_weight:
+        raise ValueError(f"bce_weight={bce_weight} needs sampled negatives; num_negatives=0")
     cl = hl + S
     if catalogue and B:
         cl[0] += catalogue
@@ -244,7 +258,8 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
         if keep is not None:
             states, tgt_idx = states[keep], tgt_idx[keep]
         pos = (states * cand[tgt_idx]).sum(-1)
-        return (catalogue_logsumexp(states, cand[lo: lo + catalogue]) - pos).sum(), int(states.shape[0])
+        loss = listwise_weight * (catalogue_logsumexp(states, cand[lo: lo + catalogue]) - pos)
+        return loss.sum(), int(states.shape[0])
     pos = (states * cand[tgt_idx]).sum(-1)                                               # (T,)
     neg_idx = (c_off + hl)[:, None] + torch.arange(S, device=hl.device)[None, :]        # (B, S)
     if share:
@@ -255,8 +270,14 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
         padded, mask = jagged_to_padded(states, hl)                                      # (B, N, D)
         neg = torch.bmm(padded, cand[neg_idx].transpose(1, 2))[mask]                     # (T, S)
         clash = cand_ids[neg_idx][seg] == cand_ids[tgt_idx][:, None]
-    neg = neg.masked_fill(clash, float("-inf"))
-    loss = torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos
+    loss = pos.new_zeros(pos.shape)
+    if listwise_weight:
+        loss = loss + listwise_weight * (
+            torch.logsumexp(torch.cat([pos[:, None], neg.masked_fill(clash, float("-inf"))], 1), 1) - pos)
+    if bce_weight:
+        valid = (~clash).to(neg.dtype)
+        neg_term = (F.softplus(neg) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+        loss = loss + bce_weight * (F.softplus(-pos) + neg_term)
     if keep is not None:
         return loss[keep].sum(), int(keep.sum())
     return loss.sum(), T
@@ -302,7 +323,8 @@ class NextItemTrainer(Trainer):
         loss_sum, count = all_position_loss(states, inp["cand"].float(), batch.features[CAND_ITEM].values(),
                                             batch.hist_lengths, ni.train_negatives, share=ni.share_negatives,
                                             catalogue=0 if ni.train_negatives else self.meta.num_items - 1,
-                                            last=ni.loss_last_positions)
+                                            last=ni.loss_last_positions, listwise_weight=self.cfg.loss.listwise_weight,
+                                            bce_weight=self.cfg.loss.bce_weight)
         (n,) = self._global(count)
         return loss_sum / max(n, 1.0), n
 

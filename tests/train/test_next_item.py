@@ -237,6 +237,45 @@ def test_all_position_loss_matches_direct_computation(share):
         all_position_loss(states[:-1], cand, cand_ids, hl, S)
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_all_position_bce_matches_direct_computation(share):
+    """bce_weight: per position -log sigmoid(target) - mean over its non-clashing negatives of
+    log(1 - sigmoid(neg)) (SASRec's objective), added to listwise_weight x the softmax loss."""
+    gen = torch.Generator().manual_seed(2)
+    hl = torch.tensor([2, 4, 1])
+    S, D = 3, 5
+    states = torch.randn(int(hl.sum()), D, generator=gen, dtype=torch.float64)
+    ids = []
+    for n in hl.tolist():
+        ids += list(range(1, n + 1)) + [1, 8, 3]  # negatives 1 and 3 clash with some targets
+    ids[-3:] = [1, 1, 1]  # the last user (one position, target 1): every own negative clashes
+    cand_ids = torch.tensor(ids)
+    cand = torch.randn(len(ids), D, generator=gen, dtype=torch.float64)
+    starts = (torch.cumsum(hl + S, 0) - (hl + S)).tolist()
+    pool = [(st + n + j) for st, n in zip(starts, hl.tolist()) for j in range(S)]
+    bce, ce, t, c0 = 0.0, 0.0, 0, 0
+    for n in hl.tolist():
+        for p in range(n):
+            s = states[t]
+            negs = [k for k in (pool if share else [c0 + n + j for j in range(S)]) if ids[k] != ids[c0 + p]]
+            pos = float(s @ cand[c0 + p])
+            nl = [float(s @ cand[k]) for k in negs]
+            bce += -math.log(1 / (1 + math.exp(-pos)))
+            if nl:
+                bce += sum(-math.log(1 - 1 / (1 + math.exp(-v))) for v in nl) / len(nl)
+            ce += math.log(sum(math.exp(v) for v in [pos] + nl)) - pos
+            t += 1
+        c0 += n + S
+    got, count = all_position_loss(states, cand, cand_ids, hl, S, share=share, listwise_weight=0.0, bce_weight=1.0)
+    assert count == 7 and abs(float(got) - bce) < 1e-9
+    got, _ = all_position_loss(states, cand, cand_ids, hl, S, share=share, listwise_weight=0.5, bce_weight=2.0)
+    assert abs(float(got) - (0.5 * ce + 2.0 * bce)) < 1e-9
+    with pytest.raises(ValueError, match="needs sampled negatives"):
+        all_position_loss(states, cand, cand_ids, hl, 0, catalogue=3, bce_weight=1.0)
+    with pytest.raises(ValueError, match="not both 0"):
+        all_position_loss(states, cand, cand_ids, hl, S, listwise_weight=0.0, bce_weight=0.0)
+
+
 def test_full_catalogue_loss_matches_direct_computation():
     """catalogue > 0: the first user's targets, then items 1..I-1, then the other users' targets; every
     position's loss is the CE of its target over the whole catalogue."""
