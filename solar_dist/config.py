@@ -152,6 +152,10 @@ class DeepSpeedConfig:
 class TrainConfig:
     epochs: int = 2
     max_steps: int = 0  # 0 = no limit
+    # Wall-clock budget of one fit() call in minutes, evaluations included (0 = none): the step that crosses it
+    # is the last; the usual end-of-training evaluation and model selection follow. The ranks agree on the
+    # step (max over ranks). The epochs trained then depend on the machine's speed: records say how many.
+    max_minutes: float = 0.0
     seed: int = 0
     log_every: int = 10
     run_dir: str = "runs/quickstart"
@@ -304,7 +308,7 @@ _POSITIVE = [
 _NON_NEGATIVE = [
     "data.bucket_batches", "data.max_hist_len", "data.prefetch_batches", "data.num_workers",
     "embedding.user_table_size", "embedding.item_table_size", "embedding.lr", "embedding.eps",
-    "embedding.weight_decay", "embedding.init_std", "model.oversample", "model.power_iters", "model.recent_k",
+    "embedding.weight_decay", "embedding.init_std", "train.max_minutes", "model.oversample", "model.power_iters", "model.recent_k",
     "model.dropout", "loss.bce_weight", "loss.listwise_weight", "deepspeed.lr", "deepspeed.weight_decay",
     "deepspeed.grad_clip", "deepspeed.warmup_steps", "train.max_steps", "train.checkpoint_every", "train.early_stop_patience",
     "train.num_threads", "eval.max_batches", "ray.num_cpus", "next_item.train_negatives", "next_item.loss_last_positions",

@@ -114,7 +114,8 @@ def run_one(dataset: str, model: str, rank: Optional[int], seed: int, args) -> D
                                                       if k.endswith(("hr@10", "ndcg@10", "mrr"))) +
           f" (train {t_train:.0f}s, total {wall:.0f}s, steps {summary['steps']})", flush=True)
     return {"test": test, "wall": wall, "train_seconds": t_train, "steps": summary["steps"],
-            "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps, "overrides": overrides,
+            "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps, "max_minutes": cfg.train.max_minutes,
+            "stopped_by_time_budget": summary["stopped_by_time_budget"], "overrides": overrides,
             "valid_history": summary["history"], "protocols": protocols,
             "selected_epoch": (summary.get("selected") or {}).get("epoch"),
             "epochs_trained": 1 + max((h["epoch"] for h in summary["history"]), default=-1),
@@ -138,6 +139,8 @@ def records_for(dataset: str, model: str, rank: Optional[int], runs: List[Dict],
             "epochs": runs[0]["epochs"], "max_steps": runs[0]["max_steps"], "steps": runs[0]["steps"],
             "selected_epochs": [r.get("selected_epoch") for r in runs],
             "epochs_trained": [r.get("epochs_trained") for r in runs],
+            "max_minutes": runs[0].get("max_minutes", 0.0),
+            "stopped_by_time_budget": [r.get("stopped_by_time_budget", False) for r in runs],
             "full_max_users": runs[0]["full_max_users"] if proto == "full" else None,
             "config": runs[0]["config"], "overrides": runs[0]["overrides"], "command": command,
         })

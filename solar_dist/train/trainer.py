@@ -140,6 +140,12 @@ class Trainer:
             dist.all_reduce(t, op=op)
         return t.tolist()
 
+    def _over_budget(self, t_start: float) -> bool:
+        """Whether any rank has spent `train.max_minutes` since `t_start` (every rank gets the same answer, so
+        they all stop after the same step)."""
+        (over,) = self._global(time.time() - t_start >= 60.0 * self.cfg.train.max_minutes, op=dist.ReduceOp.MAX)
+        return over > 0
+
     def batch_loss(self, batch: Batch, world: float) -> tuple[torch.Tensor, float]:
         """(loss, number of candidates it averages over, all ranks) of this rank's share of a training batch.
         Its normalisation is global (sums over every rank's count), so `loss * world` through DeepSpeed's
@@ -240,7 +246,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- loop
     def fit(self, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
-        """Trains `train.epochs` epochs (or `train.max_steps` steps), evaluating after each epoch.
+        """Trains `train.epochs` epochs (or `train.max_steps` steps, or until `train.max_minutes`), evaluating
+        after each epoch.
         `on_epoch_end(metrics)` is called on every rank after each evaluation (Ray Tune reports there)."""
         cfg, L = self.cfg, self.layout
         if cfg.train.resume and self.restore():
@@ -253,7 +260,7 @@ class Trainer:
         t_start = time.time()
         samples = events = 0
         train_seconds = 0.0
-        done = False
+        done = stopped_by_budget = False
         start_epoch = self.loader.state.epoch
         for epoch in range(start_epoch, cfg.train.epochs):
             bar = self._bar(epoch)
@@ -278,6 +285,11 @@ class Trainer:
                     self.save()
                 if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
                     done = True
+                    break
+                if cfg.train.max_minutes and self._over_budget(t_start):
+                    self._log(f"time budget reached: train.max_minutes={cfg.train.max_minutes:g} after step "
+                              f"{self.global_step} (epoch {epoch})")
+                    stopped_by_budget = done = True
                     break
             if bar is not None:
                 bar.close()
@@ -311,6 +323,7 @@ class Trainer:
             "train_requests_per_s": samples / max(train_seconds, 1e-9),
             "train_events_per_s": events / max(train_seconds, 1e-9),
             "wall_seconds": time.time() - t_start,
+            "stopped_by_time_budget": stopped_by_budget,
             "checkpoint": str(ckpt),
             "selected": selected,
             "data": {"path": self.cfg.data.path, **{k: v for k, v in self.meta.stats.items()}},

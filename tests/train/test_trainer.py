@@ -143,3 +143,18 @@ def test_select_metric_must_be_an_evaluated_metric(tiny_data, tmp_path):
 def test_adam_tables_on_cpu_fail_by_name(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="embedding.optimizer=adam"):
         _selection_trainer(tiny_data, tmp_path, "embedding.optimizer=adam")
+
+
+def test_time_budget_ends_training_after_the_step_that_crosses_it(tiny_data, tmp_path):
+    """train.max_minutes: the step during which the budget runs out is the last; an evaluation follows, the
+    summary says why training stopped, and the loader stays mid-epoch (a resume continues from there)."""
+    t = _selection_trainer(tiny_data, tmp_path, "train.epochs=5", "train.max_minutes=1e-9")
+    summary = t.fit()
+    t.close()
+    assert summary["steps"] == 1 and summary["stopped_by_time_budget"] is True
+    assert len(summary["history"]) == 1 and summary["history"][0]["epoch"] == 0
+    assert t.loader.state.epoch == 0 and t.loader.state.step == 1
+    t = _selection_trainer(tiny_data, tmp_path / "b", "train.epochs=1", "train.max_minutes=60")
+    summary = t.fit()
+    t.close()
+    assert summary["stopped_by_time_budget"] is False and summary["steps"] == len(t.loader)
