@@ -7,7 +7,10 @@ Times `causal_attention` forward + backward, side by side in one run, for the ki
     svd_recompute  the same, every prefix factorised again with --svd-method (prefix="recompute")
     exact     exact causal softmax over every earlier event, O(N²)
     truncate  the sliding window alone (last-k truncation)
-Median of --repeats timed runs after one warm-up, all positions valid, --batch sequences per call.
+Median of --repeats timed runs after one warm-up, --batch sequences per call. `--lengths full`: every sequence
+has N events; `--lengths skewed`: one has N, the others a geometric number with mean --mean-len (capped at N),
+as in a batch of real histories (Amazon Games: mean 9 events, longest 860), where most chunk boundaries lie
+past their sequence's end.
 
     python tools/bench_causal.py --n 200 800 2000 --batch 16 --window 32 --rank 16 --json out/bench_causal.json
 
@@ -43,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--svd-method", default="randomized", choices=["randomized", "gram", "exact"])
     p.add_argument("--kinds", nargs="+", default=list(BENCH_KINDS), choices=list(BENCH_KINDS))
+    p.add_argument("--lengths", default="full", choices=["full", "skewed"])
+    p.add_argument("--mean-len", type=float, default=10.0, help="--lengths skewed: mean of the short sequences")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -50,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16: the module and inputs in bf16 (the interests factorise in float32 inside)")
     p.add_argument("--json", type=Path, default=None)
     return p
+
+
+def lengths_for(args, n: int) -> torch.Tensor:
+    """(batch,) sequence lengths: all n, or one n and the rest geometric with mean --mean-len, in [1, n]."""
+    if args.lengths == "full":
+        return torch.full((args.batch,), n)
+    gen = torch.Generator().manual_seed(n)
+    p = min(1.0, 1.0 / max(args.mean_len, 1.0))
+    short = (torch.rand(args.batch - 1, generator=gen).log() / torch.log1p(torch.tensor(-p))).ceil() if p < 1 \
+        else torch.ones(args.batch - 1)
+    return torch.cat([torch.tensor([n]), short.clamp(1, n).long()])
 
 
 def run(args) -> list[dict]:
@@ -64,7 +80,7 @@ def run(args) -> list[dict]:
     records = []
     for n in args.n:
         x = torch.randn(args.batch, n, args.dim, device=device, dtype=dtype, requires_grad=True)
-        mask = torch.ones(args.batch, n, dtype=torch.bool, device=device)
+        mask = torch.arange(n, device=device)[None, :] < lengths_for(args, n).to(device)[:, None]
         for kind in args.kinds:
             op_kind, prefix = ("svd", "recompute") if kind == "svd_recompute" else (kind, "cumulative")
             times = []
@@ -77,7 +93,8 @@ def run(args) -> list[dict]:
                     times.append(time.perf_counter() - t0)
             records.append({"kind": kind, "n": n, "batch": args.batch, "dim": args.dim, "heads": args.heads,
                             "rank": args.rank, "window": args.window, "svd_method": args.svd_method,
-                            "device": str(device), "dtype": args.dtype,
+                            "device": str(device), "dtype": args.dtype, "lengths": args.lengths,
+                            "events": int(mask.sum()),
                             "seconds": statistics.median(times)})
     return records
 

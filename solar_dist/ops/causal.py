@@ -107,7 +107,8 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
     if kind == "svd":
         r = attn.rank
         if prefix == "cumulative":  # every prefix [0, jC) from running Gram sums: O(N·D² + N/C·D³)
-            it = prefix_interests(xm, mask, r, C, attn.interest_scale, tol=attn.tol)
+            # only boundaries whose chunk holds a query: in a batch of skewed lengths most lie past the end
+            it = prefix_interests(xm, mask, r, C, attn.interest_scale, tol=attn.tol, needed=mc[:, 1:].any(-1))
             z = torch.cat([x.new_zeros(B, 1, r, D), it.z.to(x.dtype)], 1)  # (B,nC,r,D); chunk 0 has no past
             alive = torch.cat([mask.new_zeros(B, 1, r), it.alive], 1)
             if attn.mass_bias:

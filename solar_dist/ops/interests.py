@@ -423,7 +423,7 @@ class _GramInterestsCore(torch.autograd.Function):
 
 
 def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int, scale: str = "sqrt_n", *,
-                     tol: Optional[float] = None) -> Interests:
+                     tol: Optional[float] = None, needed: Optional[torch.Tensor] = None) -> Interests:
     """The interests of every prefix [0, j·chunk) of each sequence, j = 1 .. ceil(N/chunk) − 1, in
     O(N·D² + (N/chunk)·D³) instead of recomputing each prefix (O(N²/chunk·D·r)).
 
@@ -435,6 +435,9 @@ def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int,
     reference twin; tests/ops/test_prefix_interests.py). basis_grad is always "full".
 
     `tol`: None = max(default_tol(dtype), 1e-7), since σ comes from eigenvalues of a float64 Gram matrix.
+    `needed` (B, P) bool: only these prefixes are factorised; the others come back with no live interest (z 0,
+    alive False). The caller passes the chunks that hold a query: in a batch of skewed lengths most boundaries
+    lie beyond their sequence's end, and the eigh is the op's cost (on CUDA, for D > 32, one matrix at a time).
     Returns Interests with a prefix axis: z (B, P, r, D), alive / mass / sigma (B, P, r), P = ceil(N/chunk) − 1.
     Rows where `mask` is False are ignored (they may hold anything finite)."""
     _validate(h, mask, rank, "gram", scale, "full", tol, 0, 0, None)
@@ -448,16 +451,44 @@ def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int,
     if P == 0:
         zero = h.new_zeros(B, 0, rank)
         return Interests(h.new_zeros(B, 0, rank, D).to(dt), zero.bool(), zero.to(dt), zero.to(dt))
-    f64 = torch.float64
+    if needed is not None and (needed.shape != (B, P) or needed.dtype != torch.bool):
+        raise ValueError(f"needed must be a ({B}, {P}) bool tensor (batch, prefix), got {tuple(needed.shape)} "
+                         f"{needed.dtype}")
     with torch.autocast(device_type=h.device.type, enabled=False):
-        hm = torch.where(mask[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-        hc = hm[:, : P * chunk].to(f64).reshape(B, P, chunk, D)
-        G = torch.cumsum(hc.mT @ hc, 1).reshape(B * P, D, D)            # Gram of [0, j·chunk), j = 1..P
-        s = torch.cumsum(hc.sum(2), 1)                                   # (B,P,D) row sums
-        n = torch.cumsum(mask[:, : P * chunk].reshape(B, P, chunk).sum(2), 1).to(f64)  # (B,P)
-        z_raw, sigma, alive = _GramInterestsCore.apply(G, n.reshape(-1), rank, tol_v, dt)
-        z_raw, sigma, alive = z_raw.view(B, P, rank, D), sigma.view(B, P, rank), alive.view(B, P, rank)
-        z, mass = _signed_scaled(z_raw, alive, s.to(dt), n.to(dt), scale)
+        if needed is None or bool(needed.all()):
+            z, alive, mass, sigma = _prefix_from_grams(h, mask, rank, chunk, P, scale, tol_v, dt)
+        else:  # the Gram sums of the users with a needed prefix, the eigh of the needed prefixes only
+            users = needed.any(1).nonzero().squeeze(1)
+            z_u, alive_u, mass_u, sigma_u = _prefix_from_grams(h[users], mask[users], rank, chunk, P, scale, tol_v,
+                                                               dt, needed[users])
+            z = z_u.new_zeros(B, P, rank, D).index_copy(0, users, z_u)
+            alive = alive_u.new_zeros(B, P, rank).index_copy(0, users, alive_u)
+            mass = mass_u.new_zeros(B, P, rank).index_copy(0, users, mass_u)
+            sigma = sigma_u.new_zeros(B, P, rank).index_copy(0, users, sigma_u)
     if h.dtype != dt:
         return Interests(z.to(h.dtype), alive, mass.to(h.dtype), sigma.detach().to(h.dtype))
     return Interests(z, alive, mass, sigma.detach())
+
+
+def _prefix_from_grams(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int, P: int, scale: str, tol: float,
+                       dt: torch.dtype, needed: Optional[torch.Tensor] = None):
+    """prefix_interests' computation: cumulative float64 Gram matrices, row sums and counts of the P boundary
+    prefixes, then one eigh per prefix (per `needed` prefix when given; the others stay zero and dead)."""
+    B, _, D = h.shape
+    f64 = torch.float64
+    hm = torch.where(mask[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+    hc = hm[:, : P * chunk].to(f64).reshape(B, P, chunk, D)
+    G = torch.cumsum(hc.mT @ hc, 1).reshape(B * P, D, D)                # Gram of [0, j·chunk), j = 1..P
+    s = torch.cumsum(hc.sum(2), 1)                                       # (B,P,D) row sums
+    n = torch.cumsum(mask[:, : P * chunk].reshape(B, P, chunk).sum(2), 1).to(f64)  # (B,P)
+    if needed is None:
+        z_raw, sigma, alive = _GramInterestsCore.apply(G, n.reshape(-1), rank, tol, dt)
+    else:
+        idx = needed.reshape(-1).nonzero().squeeze(1)
+        z_n, sig_n, alive_n = _GramInterestsCore.apply(G[idx], n.reshape(-1)[idx], rank, tol, dt)
+        z_raw = z_n.new_zeros(B * P, rank, D).index_copy(0, idx, z_n)
+        sigma = sig_n.new_zeros(B * P, rank).index_copy(0, idx, sig_n)
+        alive = alive_n.new_zeros(B * P, rank).index_copy(0, idx, alive_n)
+    z_raw, sigma, alive = z_raw.view(B, P, rank, D), sigma.view(B, P, rank), alive.view(B, P, rank)
+    z, mass = _signed_scaled(z_raw, alive, s.to(dt), n.to(dt), scale)
+    return z, alive, mass, sigma

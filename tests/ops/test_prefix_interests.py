@@ -89,3 +89,31 @@ def test_bad_inputs_are_named():
         prefix_interests(h, mask, 5, 2)
     with pytest.raises(ValueError, match="mask"):
         prefix_interests(h, mask[:, :4], 2, 2)
+
+
+def test_needed_factorises_only_the_chosen_prefixes():
+    """`needed`: the chosen prefixes equal the full computation (values and gradients); the others have no live
+    interest. causal_attention passes the chunks that hold a query (tests/ops/test_causal.py covers that path)."""
+    gen = torch.Generator().manual_seed(11)
+    lengths, N, D, r, C = [23, 11, 3, 0], 23, 6, 3, 5
+    h, mask = _data(lengths, N, D, gen)
+    h.requires_grad_(True)
+    P = -(-N // C) - 1
+    needed = torch.arange(1, P + 1)[None, :] * C < torch.tensor(lengths)[:, None]  # chunk j holds a query
+    needed[0, 1] = False                                                        # and one arbitrary gap
+    full = prefix_interests(h, mask, r, C)
+    part = prefix_interests(h, mask, r, C, needed=needed)
+    assert int(needed.sum()) == 5 and not part.alive[~needed].any()
+    for t in (part.z, part.mass, part.sigma):
+        assert torch.equal(t[~needed], torch.zeros_like(t[~needed]))
+    assert torch.equal(part.alive[needed], full.alive[needed])
+    for a, b in ((part.z, full.z), (part.mass, full.mass), (part.sigma, full.sigma)):
+        torch.testing.assert_close(a[needed], b[needed], atol=1e-12, rtol=1e-12)
+    gz = torch.randn(full.z.shape, generator=gen, dtype=torch.float64) * needed[..., None, None]
+    (g_part,) = torch.autograd.grad((part.z * gz).sum() + part.mass[needed].sum(), h)
+    (g_full,) = torch.autograd.grad((full.z * gz).sum() + full.mass[needed].sum(), h)
+    torch.testing.assert_close(g_part, g_full, atol=1e-12, rtol=1e-10)
+    none = prefix_interests(h, mask, r, C, needed=torch.zeros_like(needed))  # nothing to factorise
+    assert not none.alive.any() and torch.equal(none.z, torch.zeros_like(none.z))
+    with pytest.raises(ValueError, match="needed must be a"):
+        prefix_interests(h, mask, r, C, needed=needed[:, :-1])
