@@ -165,6 +165,28 @@ def test_bench_causal_smoke(tmp_path, capsys):
     assert "exact/svd" in capsys.readouterr().out
 
 
+
+def test_bench_causal_skewed_lengths(tmp_path):
+    """--lengths skewed: one sequence of N events, the others shorter (geometric, in [1, N], the same on every
+    call); the records count the valid events."""
+    import argparse
+    import json
+
+    from solar_dist.cli import main
+    from tools.bench_causal import lengths_for
+
+    a = argparse.Namespace(lengths="skewed", batch=64, mean_len=5.0)
+    L = lengths_for(a, 300)
+    assert L[0] == 300 and bool((L[1:] >= 1).all()) and bool((L[1:] <= 300).all())
+    assert 2 < float(L[1:].float().mean()) < 12
+    assert torch.equal(L, lengths_for(a, 300))
+    out = tmp_path / "s.json"
+    assert main(["bench", "causal", "--n", "24", "--batch", "3", "--dim", "8", "--rank", "2", "--window", "4",
+                 "--repeats", "1", "--lengths", "skewed", "--mean-len", "3", "--kinds", "svd", "exact",
+                 "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())
+    assert {r["lengths"] for r in recs} == {"skewed"} and 24 < recs[0]["events"] < 3 * 24
+
 def test_exact_in_query_blocks_equals_one_block(monkeypatch):
     """Long sequences run the exact kind block by block with checkpointing: outputs and gradients (inputs and
     rel_bias) equal the single-block computation."""
