@@ -15,7 +15,8 @@ ops/causal.py) gives a state at every position t, which scores the next event e_
 target is masked out for that position) by dot products with the item embeddings, or against the whole
 catalogue (`train_negatives=0`); the loss, averaged over every position of the batch, is `loss.listwise_weight`
 x softmax cross-entropy (SASRec+) + `loss.bce_weight` x binary cross-entropy (SASRec's objective; sampled
-negatives only). Evaluation scores candidates with the state of the last history position. One pass per user trains every position, instead of one prefix per sample.
+negatives only). Evaluation scores candidates with the state of the last history position. One pass per user
+trains every position, instead of one prefix per sample.
 
 Causality (svd_attention.md §7): a sample's history is exactly the prefix before its target, so the interests
 and the recent window are computed from events strictly before the target; tests/train/test_next_item.py
