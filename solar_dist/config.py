@@ -308,9 +308,10 @@ _POSITIVE = [
 _NON_NEGATIVE = [
     "data.bucket_batches", "data.max_hist_len", "data.prefetch_batches", "data.num_workers",
     "embedding.user_table_size", "embedding.item_table_size", "embedding.lr", "embedding.eps",
-    "embedding.weight_decay", "embedding.init_std", "train.max_minutes", "model.oversample", "model.power_iters", "model.recent_k",
+    "embedding.weight_decay", "embedding.init_std", "model.oversample", "model.power_iters", "model.recent_k",
     "model.dropout", "loss.bce_weight", "loss.listwise_weight", "deepspeed.lr", "deepspeed.weight_decay",
-    "deepspeed.grad_clip", "deepspeed.warmup_steps", "train.max_steps", "train.checkpoint_every", "train.early_stop_patience",
+    "deepspeed.grad_clip", "deepspeed.warmup_steps",
+    "train.max_steps", "train.max_minutes", "train.checkpoint_every", "train.early_stop_patience",
     "train.num_threads", "eval.max_batches", "ray.num_cpus", "next_item.train_negatives", "next_item.loss_last_positions",
     "next_item.cut_points_per_user", "next_item.eval_max_users", "next_item.full_max_users", "tune.max_concurrent", "tune.lr_min", "synth.popularity_exponent",
     "synth.early_interest_fraction", "synth.valid_fraction", "synth.test_fraction",

@@ -461,10 +461,7 @@ def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int,
             users = needed.any(1).nonzero().squeeze(1)
             z_u, alive_u, mass_u, sigma_u = _prefix_from_grams(h[users], mask[users], rank, chunk, P, scale, tol_v,
                                                                dt, needed[users])
-            z = z_u.new_zeros(B, P, rank, D).index_copy(0, users, z_u)
-            alive = alive_u.new_zeros(B, P, rank).index_copy(0, users, alive_u)
-            mass = mass_u.new_zeros(B, P, rank).index_copy(0, users, mass_u)
-            sigma = sigma_u.new_zeros(B, P, rank).index_copy(0, users, sigma_u)
+            z, alive, mass, sigma = _scatter_rows(B, users, z_u, alive_u, mass_u, sigma_u)
     if h.dtype != dt:
         return Interests(z.to(h.dtype), alive, mass.to(h.dtype), sigma.detach().to(h.dtype))
     return Interests(z, alive, mass, sigma.detach())
@@ -486,9 +483,12 @@ def _prefix_from_grams(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: in
     else:
         idx = needed.reshape(-1).nonzero().squeeze(1)
         z_n, sig_n, alive_n = _GramInterestsCore.apply(G[idx], n.reshape(-1)[idx], rank, tol, dt)
-        z_raw = z_n.new_zeros(B * P, rank, D).index_copy(0, idx, z_n)
-        sigma = sig_n.new_zeros(B * P, rank).index_copy(0, idx, sig_n)
-        alive = alive_n.new_zeros(B * P, rank).index_copy(0, idx, alive_n)
+        z_raw, sigma, alive = _scatter_rows(B * P, idx, z_n, sig_n, alive_n)
     z_raw, sigma, alive = z_raw.view(B, P, rank, D), sigma.view(B, P, rank), alive.view(B, P, rank)
     z, mass = _signed_scaled(z_raw, alive, s.to(dt), n.to(dt), scale)
     return z, alive, mass, sigma
+
+
+def _scatter_rows(rows: int, idx: torch.Tensor, *tensors: torch.Tensor) -> tuple:
+    """Each tensor's rows placed at `idx` of a zero (False) tensor with `rows` rows (differentiable)."""
+    return tuple(t.new_zeros(rows, *t.shape[1:]).index_copy(0, idx, t) for t in tensors)

@@ -235,11 +235,9 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
                          f", share={share}")
     if listwise_weight < 0 or bce_weight < 0 or listwise_weight + bce_weight == 0:
         raise ValueError(f"listwise_weight={listwise_weight} and bce_weight={bce_weight} must be >= 0, not both 0")
-    if catalogue and bce_weight:
-        raise ValueError(f"bce_weight={bce_weight} needs sampled negatives; catalogue={catalogue} is the full "
-                         f"softmax (listwise only)")
-    if not S and bce_weight:
-        raise ValueError(f"bce_weight={bce_weight} needs sampled negatives; num_negatives=0")
+    if bce_weight and not S:  # catalogue > 0 implies S = 0 (checked above)
+        raise ValueError(f"bce_weight={bce_weight} needs sampled negatives; num_negatives=0" +
+                         (f" (catalogue={catalogue} is the full softmax, listwise only)" if catalogue else ""))
     cl = hl + S
     if catalogue and B:
         cl[0] += catalogue
@@ -320,12 +318,12 @@ class NextItemTrainer(Trainer):
         if self.head != "states":
             return super().batch_loss(batch, world)
         states, inp = self._states(batch, grad_scale=1.0 / world)
-        ni = self.cfg.next_item
+        ni, lc = self.cfg.next_item, self.cfg.loss
         loss_sum, count = all_position_loss(states, inp["cand"].float(), batch.features[CAND_ITEM].values(),
                                             batch.hist_lengths, ni.train_negatives, share=ni.share_negatives,
                                             catalogue=0 if ni.train_negatives else self.meta.num_items - 1,
-                                            last=ni.loss_last_positions, listwise_weight=self.cfg.loss.listwise_weight,
-                                            bce_weight=self.cfg.loss.bce_weight)
+                                            last=ni.loss_last_positions, listwise_weight=lc.listwise_weight,
+                                            bce_weight=lc.bce_weight)
         (n,) = self._global(count)
         return loss_sum / max(n, 1.0), n
 
