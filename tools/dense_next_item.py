@@ -28,6 +28,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=0, help="stop after N validations without improvement (0 = off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast of the forward pass")
+    p.add_argument("--objective", default="ce", choices=["ce", "bce"],
+                   help="ce: softmax over the whole catalogue at every position (SASRec+); bce: SASRec's binary "
+                        "cross-entropy, the target against --negatives items drawn per position")
+    p.add_argument("--negatives", type=int, default=1,
+                   help="bce: uniform negatives per position, none of them in the user's training sequence "
+                        "(SASRec draws 1)")
     p.add_argument("--eval-batch", type=int, default=512)
     p.add_argument("--json", type=Path, default=None)
     return p
@@ -73,20 +80,52 @@ class DenseNextItem(nn.Module):
         return self.tower(self.items(hist), lengths, mode="states")
 
 
-def _windows(seqs: Sequences, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(start, length) in the flat item array of each training user's history positions: the last max_len
-    events of the training prefix but its final one, which has no next event to predict."""
+def _windows(seqs: Sequences, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, length, user) per training user: the flat item array's range of its history positions, the
+    last max_len events of the training prefix but its final one, which has no next event to predict."""
     users = np.flatnonzero(seqs.num_train >= 2)
     cut = seqs.num_train[users] - 1
     start = seqs.offsets[users] + (np.maximum(cut - max_len, 0) if max_len else 0)
-    return start, seqs.offsets[users] + cut - start
+    return start, seqs.offsets[users] + cut - start, users
+
+
+def sampled_negatives(seqs: Sequences, users: np.ndarray, lengths: torch.Tensor, k: int, num_items: int,
+                      device: torch.device) -> torch.Tensor:
+    """(T, k) item ids in [1, num_items), drawn uniformly per position and redrawn while they fall in the
+    position's user's training sequence (SASRec's random_neq). T = lengths.sum()."""
+    B = len(users)
+    excl = torch.zeros(B, num_items, dtype=torch.bool, device=device)
+    n_train = seqs.num_train[users]
+    own = _batch_index(seqs.offsets[users], n_train)
+    excl[torch.from_numpy(np.repeat(np.arange(B), n_train)).to(device),
+         torch.from_numpy(seqs.items[own]).to(device)] = True
+    seg = torch.repeat_interleave(torch.arange(B, device=device), lengths)[:, None].expand(-1, k)
+    neg = torch.randint(1, num_items, seg.shape, device=device)
+    for _ in range(1000):
+        bad = excl[seg, neg]
+        if not bool(bad.any()):
+            return neg
+        neg[bad] = torch.randint(1, num_items, (int(bad.sum()),), device=device)
+    raise RuntimeError("could not draw negatives outside the users' sequences (catalogue too small?)")
+
+
+def position_loss(states: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, objective: str,
+                  neg: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean loss over positions. ce: softmax over every item but the padding row. bce: -log sigmoid(target)
+    - mean over the position's negatives of log(1 - sigmoid(neg))."""
+    if objective == "ce":
+        return F.cross_entropy(states @ weight[1:].T, tgt - 1)
+    pos = (states * weight[tgt]).sum(-1)
+    negl = torch.einsum("td,tkd->tk", states, weight[neg])
+    return (F.softplus(-pos) + F.softplus(negl).mean(-1)).mean()
 
 
 def _batch_index(start: np.ndarray, length: np.ndarray) -> np.ndarray:
     return np.concatenate([np.arange(s, s + n) for s, n in zip(start, length)])
 
 
-def train_epoch(model, opt, sched, seqs, start, length, batch_size, rng, device, amp) -> float:
+def train_epoch(model, opt, sched, seqs, start, length, users, batch_size, rng, device, amp,
+                objective: str = "ce", negatives: int = 1) -> float:
     model.train()
     order = rng.permutation(len(start))
     items = torch.from_numpy(seqs.items)
@@ -100,8 +139,9 @@ def train_epoch(model, opt, sched, seqs, start, length, batch_size, rng, device,
         lengths = torch.from_numpy(length[rows]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             states = model.states(hist, lengths)
-        logits = states.float() @ model.items.weight[1:].T            # every item but the padding row
-        loss = F.cross_entropy(logits, tgt - 1)
+        neg = (sampled_negatives(seqs, users[rows], lengths, negatives, model.items.num_embeddings, device)
+               if objective == "bce" else None)
+        loss = position_loss(states.float(), model.items.weight, tgt, objective, neg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -169,7 +209,9 @@ def run(args) -> dict:
         pick = np.sort(np.random.default_rng(0).choice(valid.num_rows, cfg.next_item.eval_max_users, replace=False))
         valid = valid.take(pick)
     L = cfg.data.max_hist_len
-    start, length = _windows(seqs, L)
+    if args.objective == "bce" and args.negatives < 1:
+        raise ValueError(f"--negatives={args.negatives}: the bce objective needs at least one negative per position")
+    start, length, users = _windows(seqs, L)
     model = DenseNextItem(cfg, meta.num_items).to(device)
     lr = args.lr or cfg.deepspeed.lr
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
@@ -183,7 +225,8 @@ def run(args) -> dict:
         if args.minutes and time.time() - t0 > 60 * args.minutes:
             break
         te = time.time()
-        loss = train_epoch(model, opt, sched, seqs, start, length, cfg.data.batch_size, rng, device, amp)
+        loss = train_epoch(model, opt, sched, seqs, start, length, users, cfg.data.batch_size, rng, device, amp,
+                           args.objective, args.negatives)
         rec = {"epoch": epoch, "loss": loss, "train_seconds": time.time() - te}
         if (epoch + 1) % args.eval_every == 0 or epoch == epochs - 1:
             m = evaluate(model, valid, L, device, amp, args.eval_batch, ("sampled100",))
@@ -207,7 +250,9 @@ def run(args) -> dict:
     result = {
         "config": args.config, "overrides": args.set, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "amp": args.amp, "lr": lr, "epochs_trained": len(history), "selected": best,
+        "torch": torch.__version__, "amp": args.amp, "lr": lr, "objective": args.objective,
+        "negatives": args.negatives if args.objective == "bce" else None,
+        "epochs_trained": len(history), "selected": best,
         "train_seconds": train_seconds, "test_eval_seconds": time.time() - te,
         "seconds_per_epoch": float(np.median([h["train_seconds"] for h in history])) if history else math.nan,
         "test": test_m, "history": history,

@@ -87,3 +87,53 @@ def test_rejects_a_ranking_config(tmp_path):
     cfg_path.write_text("")
     with pytest.raises(ValueError, match="data.task"):
         tool.main([str(cfg_path), "--set", f"data.path={tmp_path}", "--device", "cpu"])
+
+
+def test_bce_negatives_avoid_the_users_training_items_and_the_loss_matches_a_loop(tmp_path):
+    from solar_dist.data.sequences import Sequences
+    root = _tiny_next_item_data(tmp_path)
+    seqs = Sequences.load(root)
+    num_items = DatasetMeta.load(root).num_items
+    start, length, users = tool._windows(seqs, 0)
+    rows = np.arange(min(6, len(users)))
+    lengths = torch.from_numpy(length[rows])
+    torch.manual_seed(0)
+    neg = tool.sampled_negatives(seqs, users[rows], lengths, 3, num_items, torch.device("cpu"))
+    assert neg.shape == (int(lengths.sum()), 3)
+    assert int(neg.min()) >= 1 and int(neg.max()) < num_items
+    seg = np.repeat(np.arange(len(rows)), length[rows])
+    for t, u in enumerate(users[rows][seg]):
+        own = set(seqs.items[seqs.offsets[u]: seqs.offsets[u] + seqs.num_train[u]].tolist())
+        assert not own & set(neg[t].tolist()), (t, u)
+    # BCE against a per-position loop; CE against the softmax over every item but padding
+    g = torch.Generator().manual_seed(1)
+    T, D = neg.shape[0], 5
+    states, weight = torch.randn(T, D, generator=g, dtype=torch.float64), torch.randn(num_items, D, generator=g,
+                                                                                    dtype=torch.float64)
+    tgt = torch.randint(1, num_items, (T,), generator=g)
+    want = sum(-torch.log(torch.sigmoid(states[t] @ weight[tgt[t]]))
+               - torch.stack([torch.log(1 - torch.sigmoid(states[t] @ weight[n])) for n in neg[t]]).mean()
+               for t in range(T)) / T
+    assert float(tool.position_loss(states, weight, tgt, "bce", neg)) == pytest.approx(float(want), rel=1e-10)
+    ce = sum(torch.logsumexp(states[t] @ weight[1:].T, 0) - states[t] @ weight[tgt[t]] for t in range(T)) / T
+    assert float(tool.position_loss(states, weight, tgt, "ce")) == pytest.approx(float(ce), rel=1e-10)
+
+
+def test_short_bce_run_trains(tmp_path):
+    root = _tiny_next_item_data(tmp_path)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text("")
+    out = tmp_path / "dense.json"
+    sets = NEXT_ITEM_TINY + STATES + [f"data.path={root}", "deepspeed.lr=0.05", "deepspeed.warmup_steps=1",
+                                      "data.batch_size=8"]
+    args = [str(cfg_path), "--epochs", "8", "--device", "cpu", "--objective", "bce", "--negatives", "2",
+            "--json", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    assert tool.main(args) == 0
+    rec = json.loads(out.read_text())
+    losses = [h["loss"] for h in rec["history"]]
+    assert rec["objective"] == "bce" and rec["negatives"] == 2
+    assert losses[-1] < losses[0] - 0.05, losses
+    with pytest.raises(ValueError, match="--negatives=0"):
+        tool.main(args[:-2] + ["--negatives", "0"])
