@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=0, help="0 = the config's train.epochs")
     p.add_argument("--minutes", type=float, default=0.0, help="start no epoch after this many minutes (0 = none)")
     p.add_argument("--lr", type=float, default=0.0, help="Adam lr for every parameter (0 = deepspeed.lr)")
+    p.add_argument("--table-optimizer", default="adam", choices=["adam", "rowwise_adagrad"],
+                   help="the item table's optimizer: adam (with the tower, --lr) or the framework's row-wise "
+                        "Adagrad (fbgemm's EXACT_ROWWISE_ADAGRAD, lr embedding.lr)")
     p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
     p.add_argument("--patience", type=int, default=0, help="stop after N validations without improvement (0 = off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class RowWiseAdagrad(torch.optim.Optimizer):
+    """fbgemm's exact row-wise Adagrad on a dense table: one accumulator per row, the mean of the row's squared
+    gradient; w -= lr * g / (sqrt(acc) + eps). Rows without gradient stay as they are, as in the sparse kernel."""
+
+    def __init__(self, params, lr: float, eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                st = self.state[w]
+                if not st:
+                    st["acc"] = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
+                st["acc"] += w.grad.pow(2).mean(1, keepdim=True)
+                w.addcdiv_(w.grad, st["acc"].sqrt() + group["eps"], value=-group["lr"])
+
+
 class DenseNextItem(nn.Module):
     """Item table (row 0 = padding) + the causal tower; an item's score is ⟨state, item embedding⟩."""
 
@@ -78,6 +101,23 @@ class DenseNextItem(nn.Module):
 
     def states(self, hist: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.tower(self.items(hist), lengths, mode="states")
+
+
+class _Both(torch.optim.Optimizer):
+    """Two optimizers stepped together (tower, table)."""
+
+    def __init__(self, *opts) -> None:
+        self.opts = opts
+        super().__init__([p for o in opts for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [g for o in opts for g in o.param_groups]
+
+    def step(self, closure=None):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
 
 
 def _windows(seqs: Sequences, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,9 +254,15 @@ def run(args) -> dict:
     start, length, users = _windows(seqs, L)
     model = DenseNextItem(cfg, meta.num_items).to(device)
     lr = args.lr or cfg.deepspeed.lr
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
+    if args.table_optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
+    else:
+        opt = _Both(torch.optim.Adam(model.tower.parameters(), lr=lr, betas=(0.9, 0.98)),
+                    RowWiseAdagrad(model.items.parameters(), lr=cfg.embedding.lr, eps=cfg.embedding.eps))
     warm = max(cfg.deepspeed.warmup_steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    # the warm-up is the tower's (DeepSpeed's scheduler in the framework); fbgemm's table lr is constant
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.opts[0] if isinstance(opt, _Both) else opt,
+                                              lambda s: min(1.0, (s + 1) / warm))
     epochs = args.epochs or cfg.train.epochs
     amp = args.amp == "bf16"
     t0 = time.time()
@@ -250,7 +296,9 @@ def run(args) -> dict:
     result = {
         "config": args.config, "overrides": args.set, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "amp": args.amp, "lr": lr, "objective": args.objective,
+        "torch": torch.__version__, "amp": args.amp, "lr": lr,
+        "table_optimizer": args.table_optimizer,
+        "table_lr": lr if args.table_optimizer == "adam" else cfg.embedding.lr, "objective": args.objective,
         "negatives": args.negatives if args.objective == "bce" else None,
         "epochs_trained": len(history), "selected": best,
         "train_seconds": train_seconds, "test_eval_seconds": time.time() - te,
