@@ -39,6 +39,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from solar_dist.config import load_config  # noqa: E402
+from solar_dist.data.loader import BatchPlan  # noqa: E402
 from solar_dist.data.schema import DatasetMeta, read_split  # noqa: E402
 from solar_dist.data.sequences import Sequences  # noqa: E402
 from solar_dist.model.tower import SolarTower  # noqa: E402
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=0, help="0 = the config's train.epochs")
     p.add_argument("--minutes", type=float, default=0.0, help="start no epoch after this many minutes (0 = none)")
     p.add_argument("--lr", type=float, default=0.0, help="Adam lr for every parameter (0 = deepspeed.lr)")
+    p.add_argument("--bucket-batches", type=int, default=0,
+                   help="0: batches of random users; K > 0: the framework's plan (data.bucket_batches), users "
+                        "sorted by length inside windows of K batches")
     p.add_argument("--table-optimizer", default="adam", choices=["adam", "rowwise_adagrad"],
                    help="the item table's optimizer: adam (with the tower, --lr) or the framework's row-wise "
                         "Adagrad (fbgemm's EXACT_ROWWISE_ADAGRAD, lr embedding.lr)")
@@ -165,15 +169,20 @@ def _batch_index(start: np.ndarray, length: np.ndarray) -> np.ndarray:
 
 
 def train_epoch(model, opt, sched, seqs, start, length, users, batch_size, rng, device, amp,
-                objective: str = "ce", negatives: int = 1) -> float:
+                objective: str = "ce", negatives: int = 1, bucket_batches: int = 0, epoch: int = 0,
+                seed: int = 0) -> float:
     model.train()
-    order = rng.permutation(len(start))
+    if bucket_batches:  # the framework's batch plan: lengths sorted inside windows of `bucket_batches` batches
+        plan = BatchPlan(length, batch_size, shuffle=True, seed=seed, bucket_batches=bucket_batches)
+        batches = plan.global_batches(epoch)
+    else:
+        order = rng.permutation(len(start))
+        batches = [order[lo: lo + batch_size] for lo in range(0, len(order), batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < batch_size:
+            batches.pop()  # drop the last partial batch, as the framework's loader does
     items = torch.from_numpy(seqs.items)
     total, count = 0.0, 0
-    for lo in range(0, len(order), batch_size):
-        rows = order[lo: lo + batch_size]
-        if len(rows) < batch_size and lo > 0:
-            break  # drop the last partial batch, as the framework's loader does
+    for rows in batches:
         idx = torch.from_numpy(_batch_index(start[rows], length[rows]))
         hist, tgt = items[idx].to(device), items[idx + 1].to(device)
         lengths = torch.from_numpy(length[rows]).to(device)
@@ -272,7 +281,7 @@ def run(args) -> dict:
             break
         te = time.time()
         loss = train_epoch(model, opt, sched, seqs, start, length, users, cfg.data.batch_size, rng, device, amp,
-                           args.objective, args.negatives)
+                           args.objective, args.negatives, args.bucket_batches, epoch, cfg.train.seed)
         rec = {"epoch": epoch, "loss": loss, "train_seconds": time.time() - te}
         if (epoch + 1) % args.eval_every == 0 or epoch == epochs - 1:
             m = evaluate(model, valid, L, device, amp, args.eval_batch, ("sampled100",))
@@ -297,7 +306,7 @@ def run(args) -> dict:
         "config": args.config, "overrides": args.set, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "amp": args.amp, "lr": lr,
-        "table_optimizer": args.table_optimizer,
+        "table_optimizer": args.table_optimizer, "bucket_batches": args.bucket_batches,
         "table_lr": lr if args.table_optimizer == "adam" else cfg.embedding.lr, "objective": args.objective,
         "negatives": args.negatives if args.objective == "bce" else None,
         "epochs_trained": len(history), "selected": best,

@@ -140,6 +140,15 @@ class NextItemLoader(LoaderPosition):
         self._epoch_cache = (epoch, users, cuts, plan)
         return users, cuts, plan
 
+    def loss_positions_per_batch(self) -> float:
+        """All-position training: the mean number of positions that carry a loss in one global batch
+        (batch_size x dp users), over every sample of the epoch. `next_item.loss_normalizer=epoch` divides
+        each step's loss sum by it. The same every epoch: all_positions uses every user's whole prefix."""
+        lengths = self.plan.hist_lengths
+        last = self.ni.loss_last_positions
+        per_user = np.minimum(lengths, last) if last else lengths
+        return float(per_user.mean()) * self.d.batch_size * self.dp_size if len(per_user) else 0.0
+
     def make_batch(self, users: np.ndarray, cuts: np.ndarray, rng: np.random.Generator) -> Batch:
         s = self.seqs
         start = s.offsets[users]
@@ -313,8 +322,9 @@ class NextItemTrainer(Trainer):
 
     # ------------------------------------------------------------------------ all-position training
     def batch_loss(self, batch: Batch, world: float) -> tuple[torch.Tensor, float]:
-        """The states head: `all_position_loss` averaged over every position of every rank's batch (the
-        ranking head keeps Trainer's loss)."""
+        """The states head: `all_position_loss` summed over every position of every rank's batch, divided by
+        the epoch's mean positions per global batch (`next_item.loss_normalizer=epoch`) or by this batch's
+        (`batch`). The ranking head keeps Trainer's loss."""
         if self.head != "states":
             return super().batch_loss(batch, world)
         states, inp = self._states(batch, grad_scale=1.0 / world)
@@ -325,7 +335,8 @@ class NextItemTrainer(Trainer):
                                             last=ni.loss_last_positions, listwise_weight=lc.listwise_weight,
                                             bce_weight=lc.bce_weight)
         (n,) = self._global(count)
-        return loss_sum / max(n, 1.0), n
+        denom = self.loader.loss_positions_per_batch() if ni.loss_normalizer == "epoch" else n
+        return loss_sum / max(denom, 1.0), n
 
     def _states(self, batch: Batch, grad_scale: float = 1.0) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Causal states (T, D) of every history position (float32), and the tower inputs (the candidates'

@@ -157,7 +157,7 @@ def test_rowwise_adagrad_matches_torchrecs():
     assert not torch.equal(ours, torch.zeros_like(ours))
 
 
-def test_table_optimizer_choice_reaches_the_record(tmp_path):
+def test_framework_optimizer_and_batch_plan_train(tmp_path):
     root = _tiny_next_item_data(tmp_path)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("")
@@ -165,11 +165,12 @@ def test_table_optimizer_choice_reaches_the_record(tmp_path):
     sets = NEXT_ITEM_TINY + STATES + [f"data.path={root}", "deepspeed.warmup_steps=1", "data.batch_size=8",
                                       "embedding.lr=0.1"]
     args = [str(cfg_path), "--epochs", "3", "--device", "cpu", "--table-optimizer", "rowwise_adagrad",
-            "--lr", "0.01", "--json", str(out)]
+            "--lr", "0.01", "--bucket-batches", "2", "--json", str(out)]
     for s in sets:
         args += ["--set", s]
     assert tool.main(args) == 0
     rec = json.loads(out.read_text())
     assert rec["table_optimizer"] == "rowwise_adagrad" and rec["table_lr"] == 0.1 and rec["lr"] == 0.01
+    assert rec["bucket_batches"] == 2
     losses = [h["loss"] for h in rec["history"]]
     assert losses[-1] < losses[0] - 0.05, losses

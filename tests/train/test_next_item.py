@@ -323,6 +323,52 @@ def test_full_catalogue_batches_carry_the_catalogue_once_and_train(tmp_path):
         tr.close()
 
 
+@pytest.mark.parametrize("max_len,last", [(0, 0), (6, 0), (0, 2)])
+def test_loss_positions_per_batch_is_the_epoch_mean(tmp_path, max_len, last):
+    root = _tiny_next_item_data(tmp_path)
+    from solar_dist.data.schema import DatasetMeta
+
+    seqs = Sequences.load(root)
+    cfg = load_config(None, NEXT_ITEM_TINY + ALL_POS + [f"data.path={root}", "data.batch_size=4",
+                                                        f"data.max_hist_len={max_len}",
+                                                        f"next_item.loss_last_positions={last}"])
+    n_train = seqs.num_train[seqs.num_train >= 2]
+    lengths = np.minimum(n_train - 1, max_len) if max_len else n_train - 1
+    want = float((np.minimum(lengths, last) if last else lengths).mean()) * 4
+    for dp in (1, 2):  # the global batch: batch_size x dp users
+        loader = NextItemLoader(seqs, DatasetMeta.load(root), cfg, dp_rank=0, dp_size=dp)
+        assert loader.loss_positions_per_batch() == pytest.approx(want * dp)
+
+
+def test_epoch_loss_normalizer_weighs_every_position_alike(tmp_path):
+    """loss_normalizer=epoch divides a step's position-loss sum by the epoch's mean loss positions per batch,
+    a constant (so a position weighs the same in a batch of short users as in one of long users, whatever
+    data.bucket_batches does); batch divides by the step's own count."""
+    root = _tiny_next_item_data(tmp_path)
+    sets = NEXT_ITEM_TINY + ALL_POS + [f"data.path={root}", f"train.run_dir={tmp_path / 'run'}", "data.batch_size=4",
+                                       "data.bucket_batches=2"]
+    trainers = {norm: make_trainer(load_config(None, sets + [f"next_item.loss_normalizer={norm}"]))
+                for norm in ("epoch", "batch")}
+    try:
+        ep, bt = trainers["epoch"], trainers["batch"]
+        want = ep.loader.loss_positions_per_batch()
+        bt.engine.module.load_state_dict(ep.engine.module.state_dict())
+        bt.dmp.load_state_dict(ep.dmp.state_dict())
+        counts = []
+        for batch in list(ep.loader.epoch(0))[:3]:
+            torch.manual_seed(0)
+            le, n = ep.batch_loss(batch, 1.0)
+            torch.manual_seed(0)
+            lb, nb = bt.batch_loss(batch, 1.0)
+            assert n == nb > 0
+            assert float(le.detach()) == pytest.approx(float(lb.detach()) * n / want, rel=1e-6)
+            counts.append(n)
+        assert len(set(counts)) > 1, "the batches should differ in loss positions for this test to mean much"
+    finally:
+        for tr in trainers.values():
+            tr.close()
+
+
 def test_all_position_states_do_not_depend_on_the_future(tmp_path):
     """Through the trainer's DMP and DeepSpeed tower: rewriting a user's events after position t leaves the
     states of positions <= t unchanged; one training step and both protocols run end to end."""
