@@ -35,7 +35,9 @@ def test_bench_quality_smoke(tmp_path):
         assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and r["seeds"] == [0] and r["steps"] == 2
         assert r["users"] == 610  # every test user of ml-latest-small
         assert r["selected_epochs"] == [0]  # the one (stopped) epoch's evaluation was the validation best
+        assert r["loss_normalizer"] == "epoch"  # the default, recorded so that reports compare like with like
     md = out.with_suffix(".md").read_text()
     assert "ml_latest_small" in md and re.search(r"\| 1 of \d+ \(best 0\) \| 2 \|", md), md
+    assert "| svd | 4 | epoch | sampled100 |" in md and "sampled100, norm epoch: SVD (r=4)" in md, md
     assert not stale.exists(), "a fresh run must not keep an earlier run's checkpoints"
     assert "[eval_real] ml_latest_small svd_r4_s0" in proc.stdout
