@@ -41,3 +41,23 @@ def test_bench_quality_smoke(tmp_path):
     assert "| svd | 4 | epoch | sampled100 |" in md and "sampled100, norm epoch: SVD (r=4)" in md, md
     assert not stale.exists(), "a fresh run must not keep an earlier run's checkpoints"
     assert "[eval_real] ml_latest_small svd_r4_s0" in proc.stdout
+
+
+def test_merge_keeps_the_other_normalisers_records():
+    sys.path.insert(0, str(REPO))
+    from tools.eval_real import merge_records, render_md
+
+    def rec(norm, ndcg, model="svd", rank=16):
+        r = {"dataset": "games", "model": model, "rank": rank, "protocol": "sampled100", "hr@10": 0.7,
+             "ndcg@10": ndcg, "mrr": 0.4, "seeds": [0], "wall_seconds": 1.0}
+        if norm:
+            r["loss_normalizer"] = norm
+        return r
+
+    old = [rec(None, 0.48), rec(None, 0.47, "exact", None), rec("epoch", 0.50)]
+    merged = merge_records(old, [rec("epoch", 0.52)])
+    assert [(r.get("loss_normalizer"), r["ndcg@10"]) for r in merged] == [(None, 0.48), (None, 0.47), ("epoch", 0.52)]
+    md = render_md(merged)
+    assert "| svd | 16 | batch | sampled100 |" in md and "| svd | 16 | epoch | sampled100 |" in md
+    # SVD is checked against exact only within one normaliser: there is no exact run under `epoch`
+    assert "sampled100, norm batch: SVD (r=16) vs exact" in md and "norm epoch: SVD (r=16) vs exact" not in md
