@@ -211,12 +211,13 @@ class NextItemConfig:
     # all_positions: only each user's last k positions carry a loss (0 = every position); the older events
     # still reach the states through the causal tower (interests), at linear cost with data.max_hist_len=0
     loss_last_positions: int = 0
-    # all_positions: what a step's summed position losses are divided by. epoch: the epoch's mean number of
-    # loss positions per global batch, a constant, so every position weighs the same whichever batch it lands
-    # in. batch: the step's own count (the batch mean), which with length-bucketed batches
-    # (data.bucket_batches) weighs a position of a batch of short users far above one of a batch of long
-    # users: on Games (mean 9 events, longest 860) that cost 0.05 validation HR@10 (2026-11-27).
-    loss_normalizer: str = "epoch"  # epoch | batch
+    # all_positions: how the positions of a batch are weighed against each other. position: every position
+    # alike (SASRec's objective): a step's loss sum over the epoch's mean loss positions per global batch, a
+    # constant, so a position weighs the same whichever batch it lands in. user: every user alike (the test
+    # metrics' weighting): a position weighs 1 / its user's loss positions. batch_mean: the step's own mean
+    # over its positions (solar-dist before 2026-11-27); with length-bucketed batches (data.bucket_batches) that
+    # weighs a position of a batch of short users far above one of a batch of long users.
+    loss_weighting: str = "position"  # position | user | batch_mean
     negative_sampler: str = "uniform"  # uniform | popularity
     cut_points_per_user: int = 0  # training samples per user per epoch (0 = every position)
     eval_protocols: List[str] = field(default_factory=lambda: ["sampled100", "full"])
@@ -278,7 +279,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "data.task": ("ranking", "next_item"),
     "next_item.negative_sampler": ("uniform", "popularity"),
     "next_item.train_mode": ("prefix_samples", "all_positions"),
-    "next_item.loss_normalizer": ("epoch", "batch"),
+    "next_item.loss_weighting": ("position", "user", "batch_mean"),
     "model.causal_prefix": ("cumulative", "recompute"),
     "tune.mode": ("max", "min"),
     "data.loader": ("pyarrow", "ray"),

@@ -142,7 +142,7 @@ class NextItemLoader(LoaderPosition):
 
     def loss_positions_per_batch(self) -> float:
         """All-position training: the mean number of positions that carry a loss in one global batch
-        (batch_size x dp users), over every sample of the epoch. `next_item.loss_normalizer=epoch` divides
+        (batch_size x dp users), over every sample of the epoch. `next_item.loss_weighting=position` divides
         each step's loss sum by it. The same every epoch: all_positions uses every user's whole prefix."""
         lengths = self.plan.hist_lengths
         last = self.ni.loss_last_positions
@@ -215,7 +215,8 @@ class NextItemLoader(LoaderPosition):
 # ------------------------------------------------------------------------------------ all-position loss
 def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.Tensor,
                       hist_lengths: torch.Tensor, num_negatives: int, share: bool = False, catalogue: int = 0,
-                      last: int = 0, listwise_weight: float = 1.0, bce_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+                      last: int = 0, listwise_weight: float = 1.0, bce_weight: float = 0.0,
+                      per_user: bool = False) -> tuple[torch.Tensor, int]:
     """Loss of every position's next event against sampled negatives or the whole catalogue.
 
     Per position: `listwise_weight` x softmax cross-entropy of the target among the negatives (SASRec+) plus
@@ -232,7 +233,8 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
     embeddings (ids 1..catalogue, as NextItemLoader writes them), and every position's softmax runs over all
     of them (SASRec+'s full cross-entropy; the target is one of them). `last` > 0: only each user's last
     `last` positions contribute (older ones still shape the states through the causal tower). Returns (sum
-    of the per-position losses, number of positions that contribute)."""
+    of the per-position losses, number of positions that contribute), or with `per_user` (sum over users of
+    the mean loss of their contributing positions, number of users with such a position)."""
     B = hist_lengths.numel()
     S = num_negatives
     T = states.shape[0]
@@ -267,7 +269,7 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
             states, tgt_idx = states[keep], tgt_idx[keep]
         pos = (states * cand[tgt_idx]).sum(-1)
         loss = listwise_weight * (catalogue_logsumexp(states, cand[lo: lo + catalogue]) - pos)
-        return loss.sum(), int(states.shape[0])
+        return _reduce(loss, seg if keep is None else seg[keep], B, per_user)
     pos = (states * cand[tgt_idx]).sum(-1)                                               # (T,)
     neg_idx = (c_off + hl)[:, None] + torch.arange(S, device=hl.device)[None, :]        # (B, S)
     if share:
@@ -287,8 +289,16 @@ def all_position_loss(states: torch.Tensor, cand: torch.Tensor, cand_ids: torch.
         neg_term = (F.softplus(neg) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
         loss = loss + bce_weight * (F.softplus(-pos) + neg_term)
     if keep is not None:
-        return loss[keep].sum(), int(keep.sum())
-    return loss.sum(), T
+        return _reduce(loss[keep], seg[keep], B, per_user)
+    return _reduce(loss, seg, B, per_user)
+
+
+def _reduce(loss: torch.Tensor, seg: torch.Tensor, B: int, per_user: bool) -> tuple[torch.Tensor, int]:
+    """(sum of the position losses, their count), or per user: (sum of each user's mean, users counted)."""
+    if not per_user:
+        return loss.sum(), int(loss.numel())
+    n = torch.bincount(seg, minlength=B).to(loss.dtype)
+    return (loss / n[seg]).sum(), int((n > 0).sum())
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -322,9 +332,10 @@ class NextItemTrainer(Trainer):
 
     # ------------------------------------------------------------------------ all-position training
     def batch_loss(self, batch: Batch, world: float) -> tuple[torch.Tensor, float]:
-        """The states head: `all_position_loss` summed over every position of every rank's batch, divided by
-        the epoch's mean positions per global batch (`next_item.loss_normalizer=epoch`) or by this batch's
-        (`batch`). The ranking head keeps Trainer's loss."""
+        """The states head: `all_position_loss` of every rank's batch, weighed by `next_item.loss_weighting`:
+        position (the sum over positions / the epoch's mean positions per global batch), user (the sum of each
+        user's mean / the users of the global batch) or batch_mean (the sum / this global batch's positions).
+        The ranking head keeps Trainer's loss."""
         if self.head != "states":
             return super().batch_loss(batch, world)
         states, inp = self._states(batch, grad_scale=1.0 / world)
@@ -333,9 +344,9 @@ class NextItemTrainer(Trainer):
                                             batch.hist_lengths, ni.train_negatives, share=ni.share_negatives,
                                             catalogue=0 if ni.train_negatives else self.meta.num_items - 1,
                                             last=ni.loss_last_positions, listwise_weight=lc.listwise_weight,
-                                            bce_weight=lc.bce_weight)
+                                            bce_weight=lc.bce_weight, per_user=ni.loss_weighting == "user")
         (n,) = self._global(count)
-        denom = self.loader.loss_positions_per_batch() if ni.loss_normalizer == "epoch" else n
+        denom = self.loader.loss_positions_per_batch() if ni.loss_weighting == "position" else n
         return loss_sum / max(denom, 1.0), n
 
     def _states(self, batch: Batch, grad_scale: float = 1.0) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:

@@ -35,15 +35,15 @@ def test_bench_quality_smoke(tmp_path):
         assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and r["seeds"] == [0] and r["steps"] == 2
         assert r["users"] == 610  # every test user of ml-latest-small
         assert r["selected_epochs"] == [0]  # the one (stopped) epoch's evaluation was the validation best
-        assert r["loss_normalizer"] == "epoch"  # the default, recorded so that reports compare like with like
+        assert r["loss_weighting"] == "position"  # the default, recorded so that reports compare like with like
     md = out.with_suffix(".md").read_text()
     assert "ml_latest_small" in md and re.search(r"\| 1 of \d+ \(best 0\) \| 2 \|", md), md
-    assert "| svd | 4 | epoch | sampled100 |" in md and "sampled100, norm epoch: SVD (r=4)" in md, md
+    assert "| svd | 4 | position | sampled100 |" in md and "sampled100, position weighting: SVD (r=4)" in md, md
     assert not stale.exists(), "a fresh run must not keep an earlier run's checkpoints"
     assert "[eval_real] ml_latest_small svd_r4_s0" in proc.stdout
 
 
-def test_merge_keeps_the_other_normalisers_records():
+def test_merge_keeps_the_other_weightings_records():
     sys.path.insert(0, str(REPO))
     from tools.eval_real import merge_records, render_md
 
@@ -51,13 +51,15 @@ def test_merge_keeps_the_other_normalisers_records():
         r = {"dataset": "games", "model": model, "rank": rank, "protocol": "sampled100", "hr@10": 0.7,
              "ndcg@10": ndcg, "mrr": 0.4, "seeds": [0], "wall_seconds": 1.0}
         if norm:
-            r["loss_normalizer"] = norm
+            r["loss_weighting"] = norm
         return r
 
-    old = [rec(None, 0.48), rec(None, 0.47, "exact", None), rec("epoch", 0.50)]
-    merged = merge_records(old, [rec("epoch", 0.52)])
-    assert [(r.get("loss_normalizer"), r["ndcg@10"]) for r in merged] == [(None, 0.48), (None, 0.47), ("epoch", 0.52)]
+    old = [rec(None, 0.48), rec(None, 0.47, "exact", None), rec("position", 0.50)]
+    merged = merge_records(old, [rec("position", 0.52)])
+    assert [(r.get("loss_weighting"), r["ndcg@10"]) for r in merged] == [(None, 0.48), (None, 0.47),
+                                                                         ("position", 0.52)]
     md = render_md(merged)
-    assert "| svd | 16 | batch | sampled100 |" in md and "| svd | 16 | epoch | sampled100 |" in md
-    # SVD is checked against exact only within one normaliser: there is no exact run under `epoch`
-    assert "sampled100, norm batch: SVD (r=16) vs exact" in md and "norm epoch: SVD (r=16) vs exact" not in md
+    assert "| svd | 16 | batch_mean | sampled100 |" in md and "| svd | 16 | position | sampled100 |" in md
+    # SVD is checked against exact only within one weighting: there is no exact run under `position`
+    assert "sampled100, batch_mean weighting: SVD (r=16) vs exact" in md
+    assert "position weighting: SVD (r=16) vs exact" not in md

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from solar_dist.config import load_config
+from solar_dist.data.batch import CAND_ITEM
 from solar_dist.data.convert import convert
 from solar_dist.train.next_item import (NegativeSampler, NextItemLoader, NextItemTrainer, Sequences,
                                         all_position_loss, dense_target_ranks, jagged_target_ranks,
@@ -233,6 +234,14 @@ def test_all_position_loss_matches_direct_computation(share):
         got_l, count_l = all_position_loss(states, cand, cand_ids, hl, S, share=share, last=last)
         kept = [v for (p, n), v in zip(where, per_pos) if p >= n - last]
         assert count_l == len(kept) and abs(float(got_l) - sum(kept)) < 1e-9
+    for last in (0, 2):  # per_user: the sum over users of each user's mean over its contributing positions
+        got_u, users = all_position_loss(states, cand, cand_ids, hl, S, share=share, last=last, per_user=True)
+        by_user = {}
+        for u, ((p, n), v) in zip(np.repeat(np.arange(len(hl)), hl.numpy()), zip(where, per_pos)):
+            if not last or p >= n - last:
+                by_user.setdefault(u, []).append(v)
+        assert users == len(by_user) == 3
+        assert abs(float(got_u) - sum(np.mean(v) for v in by_user.values())) < 1e-9
     with pytest.raises(ValueError, match="hist_lengths"):
         all_position_loss(states[:-1], cand, cand_ids, hl, S)
 
@@ -296,6 +305,12 @@ def test_full_catalogue_loss_matches_direct_computation():
     keep = torch.tensor([0, 1, 3, 4, 5])
     want2 = F.cross_entropy(logits[keep], torch.tensor(targets)[keep] - 1, reduction="sum")
     assert count2 == 5 and abs(float(got2) - float(want2)) < 1e-10
+    # per_user with last=2: each user's mean over its kept rows, summed over the users
+    got3, users = all_position_loss(states, table[cand_ids], cand_ids, hl, 0, catalogue=I - 1, last=2,
+                                    per_user=True)
+    rows = F.cross_entropy(logits[keep], torch.tensor(targets)[keep] - 1, reduction="none")
+    want3 = rows[:2].mean() + rows[2:4].mean() + rows[4:].mean()
+    assert users == 3 and abs(float(got3) - float(want3)) < 1e-10
     with pytest.raises(ValueError, match="not the catalogue"):
         all_position_loss(states, table[cand_ids], cand_ids.flip(0), hl, 0, catalogue=I - 1)
     with pytest.raises(ValueError, match="excludes sampled negatives"):
@@ -340,29 +355,40 @@ def test_loss_positions_per_batch_is_the_epoch_mean(tmp_path, max_len, last):
         assert loader.loss_positions_per_batch() == pytest.approx(want * dp)
 
 
-def test_epoch_loss_normalizer_weighs_every_position_alike(tmp_path):
-    """loss_normalizer=epoch divides a step's position-loss sum by the epoch's mean loss positions per batch,
-    a constant (so a position weighs the same in a batch of short users as in one of long users, whatever
-    data.bucket_batches does); batch divides by the step's own count."""
+def test_loss_weighting_position_user_and_batch_mean(tmp_path):
+    """position divides a step's position-loss sum by the epoch's mean loss positions per batch, a constant (a
+    position weighs the same in a batch of short users as in one of long users, whatever data.bucket_batches
+    does); batch_mean by the step's own count; user sums each user's mean and divides by the users."""
     root = _tiny_next_item_data(tmp_path)
     sets = NEXT_ITEM_TINY + ALL_POS + [f"data.path={root}", f"train.run_dir={tmp_path / 'run'}", "data.batch_size=4",
                                        "data.bucket_batches=2"]
-    trainers = {norm: make_trainer(load_config(None, sets + [f"next_item.loss_normalizer={norm}"]))
-                for norm in ("epoch", "batch")}
+    trainers = {w: make_trainer(load_config(None, sets + [f"next_item.loss_weighting={w}"]))
+                for w in ("position", "batch_mean", "user")}
     try:
-        ep, bt = trainers["epoch"], trainers["batch"]
-        want = ep.loader.loss_positions_per_batch()
-        bt.engine.module.load_state_dict(ep.engine.module.state_dict())
-        bt.dmp.load_state_dict(ep.dmp.state_dict())
+        ps, bm, us = trainers["position"], trainers["batch_mean"], trainers["user"]
+        want = ps.loader.loss_positions_per_batch()
+        for other in (bm, us):
+            other.engine.module.load_state_dict(ps.engine.module.state_dict())
+            other.dmp.load_state_dict(ps.dmp.state_dict())
         counts = []
-        for batch in list(ep.loader.epoch(0))[:3]:
-            torch.manual_seed(0)
-            le, n = ep.batch_loss(batch, 1.0)
-            torch.manual_seed(0)
-            lb, nb = bt.batch_loss(batch, 1.0)
-            assert n == nb > 0
-            assert float(le.detach()) == pytest.approx(float(lb.detach()) * n / want, rel=1e-6)
+        for batch in list(ps.loader.epoch(0))[:3]:
+            losses = {}
+            for w, tr in trainers.items():
+                torch.manual_seed(0)  # the same dropout masks
+                losses[w] = tr.batch_loss(batch, 1.0)
+            (lp, n), (lb, nb), (lu, nu) = losses["position"], losses["batch_mean"], losses["user"]
+            assert n == nb > 0 and nu == batch.batch_size
+            assert float(lp.detach()) == pytest.approx(float(lb.detach()) * n / want, rel=1e-6)
             counts.append(n)
+            # user: the per-user sum of the op (its per-user mean is checked against a direct computation in
+            # test_all_position_loss_matches_direct_computation) over the batch's users
+            torch.manual_seed(0)
+            states, inp = us._states(batch)
+            ni = us.cfg.next_item
+            want_u, users = all_position_loss(states, inp["cand"].float(), batch.features[CAND_ITEM].values(),
+                                              batch.hist_lengths, ni.train_negatives, per_user=True)
+            assert users == batch.batch_size
+            assert float(lu.detach()) == pytest.approx(float(want_u) / users, rel=1e-6)
         assert len(set(counts)) > 1, "the batches should differ in loss positions for this test to mean much"
     finally:
         for tr in trainers.values():
