@@ -156,8 +156,13 @@ def _f(x) -> str:
 
 
 def _seeds_note(a: Dict, b: Dict) -> str:
-    """Say so when two compared records average different seeds."""
+    """Say so when two compared records average different seeds; with the same seeds (more than one), on how
+    many of them `a` has the higher NDCG@10, since a mean difference smaller than the seeds' spread means
+    little."""
     if list(a["seeds"]) == list(b["seeds"]):
+        pa, pb = (r.get("per_seed", {}).get("ndcg@10") for r in (a, b))
+        if pa and pb and len(pa) == len(pb) > 1:
+            return f" (higher on {sum(x > y for x, y in zip(pa, pb))} of {len(pa)} seeds)"
         return ""
     return f" (seeds {','.join(map(str, a['seeds']))} vs {','.join(map(str, b['seeds']))})"
 

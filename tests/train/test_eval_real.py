@@ -63,3 +63,15 @@ def test_merge_keeps_the_other_weightings_records():
     # SVD is checked against exact only within one weighting: there is no exact run under `position`
     assert "sampled100, batch_mean weighting: SVD (r=16) vs exact" in md
     assert "position weighting: SVD (r=16) vs exact" not in md
+
+
+def test_seed_note_counts_the_seeds_each_side_wins():
+    sys.path.insert(0, str(REPO))
+    from tools.eval_real import _seeds_note
+
+    a = {"seeds": [0, 1, 2], "per_seed": {"ndcg@10": [0.46, 0.44, 0.45]}}
+    b = {"seeds": [0, 1, 2], "per_seed": {"ndcg@10": [0.45, 0.45, 0.46]}}
+    assert _seeds_note(a, b) == " (higher on 1 of 3 seeds)"
+    assert _seeds_note(a, {"seeds": [0], "per_seed": {"ndcg@10": [0.4]}}) == " (seeds 0,1,2 vs 0)"
+    one = {"seeds": [0], "per_seed": {"ndcg@10": [0.5]}}
+    assert _seeds_note(one, {"seeds": [0], "per_seed": {"ndcg@10": [0.4]}}) == ""
