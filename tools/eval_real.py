@@ -254,16 +254,16 @@ def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, floa
                 tr = [r for r in same if r["model"] == "truncate"]
                 if svd and tr:
                     b = max(svd, key=lambda r: r["ndcg@10"])
-                    checks.append(f"- {proto}, {norm} weighting: SVD (r={b['rank']}) NDCG@10 {b['ndcg@10']:.4f} vs last-50 truncation "
-                                  f"{tr[0]['ndcg@10']:.4f} — {'SVD wins' if b['ndcg@10'] > tr[0]['ndcg@10'] else 'SVD does NOT win'}"
-                                  f"{_seeds_note(b, tr[0])}")
+                    wins = "SVD wins" if b["ndcg@10"] > tr[0]["ndcg@10"] else "SVD does NOT win"
+                    checks.append(f"- {proto}, {norm} weighting: SVD (r={b['rank']}) NDCG@10 {b['ndcg@10']:.4f} vs "
+                                  f"last-50 truncation {tr[0]['ndcg@10']:.4f} — {wins}{_seeds_note(b, tr[0])}")
                 if svd and ex:
                     b = max(svd, key=lambda r: r["ndcg@10"])
                     rel = (b["ndcg@10"] - ex[0]["ndcg@10"]) / max(ex[0]["ndcg@10"], 1e-12)
                     verdict = ("at most 1% below exact: met" if rel >= -0.01
                                else "more than 1% below exact: NOT met")
-                    checks.append(f"- {proto}, {norm} weighting: SVD (r={b['rank']}) vs exact NDCG@10: {rel * 100:+.2f}% relative — "
-                                  f"{verdict}{_seeds_note(b, ex[0])}")
+                    checks.append(f"- {proto}, {norm} weighting: SVD (r={b['rank']}) vs exact NDCG@10: "
+                                  f"{rel * 100:+.2f}% relative — {verdict}{_seeds_note(b, ex[0])}")
         if popularity and ds in popularity:
             for proto in sorted({r["protocol"] for r in recs}):
                 ref = popularity[ds].get(f"{proto}_ndcg@10")
