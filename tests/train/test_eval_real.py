@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from solar_dist.config import load_config
 from tests.conftest import shared_data
 from tests.parallel.launch_utils import launch_env
 
@@ -28,6 +29,7 @@ def test_bench_quality_smoke(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = json.loads(out.read_text())
+    weighting = load_config(REPO / "configs" / "ml_latest_small.yaml").next_item.loss_weighting  # the config's
     assert {(r["dataset"], r["model"], r["rank"], r["protocol"]) for r in recs} == {
         ("ml_latest_small", "svd", 4, "sampled100"), ("ml_latest_small", "truncate", None, "sampled100")}
     for r in recs:
@@ -35,10 +37,10 @@ def test_bench_quality_smoke(tmp_path):
         assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and r["seeds"] == [0] and r["steps"] == 2
         assert r["users"] == 610  # every test user of ml-latest-small
         assert r["selected_epochs"] == [0]  # the one (stopped) epoch's evaluation was the validation best
-        assert r["loss_weighting"] == "position"  # the default, recorded so that reports compare like with like
+        assert r["loss_weighting"] == weighting  # recorded, so that reports compare like with like
     md = out.with_suffix(".md").read_text()
     assert "ml_latest_small" in md and re.search(r"\| 1 of \d+ \(best 0\) \| 2 \|", md), md
-    assert "| svd | 4 | position | sampled100 |" in md and "sampled100, position weighting: SVD (r=4)" in md, md
+    assert f"| svd | 4 | {weighting} | sampled100 |" in md and f"sampled100, {weighting} weighting: SVD (r=4)" in md, md
     assert not stale.exists(), "a fresh run must not keep an earlier run's checkpoints"
     assert "[eval_real] ml_latest_small svd_r4_s0" in proc.stdout
 
