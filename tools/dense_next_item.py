@@ -107,19 +107,17 @@ class DenseNextItem(nn.Module):
         return self.tower(self.items(hist), lengths, mode="states")
 
 
-class _Both(torch.optim.Optimizer):
-    """Two optimizers stepped together (tower, table)."""
+class _Both:
+    """Optimizers stepped together (the tower's, the table's)."""
 
-    def __init__(self, *opts) -> None:
+    def __init__(self, *opts: torch.optim.Optimizer) -> None:
         self.opts = opts
-        super().__init__([p for o in opts for g in o.param_groups for p in g["params"]], {})
-        self.param_groups = [g for o in opts for g in o.param_groups]
 
-    def step(self, closure=None):
+    def step(self) -> None:
         for o in self.opts:
             o.step()
 
-    def zero_grad(self, set_to_none: bool = True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.opts:
             o.zero_grad(set_to_none=set_to_none)
 
@@ -263,15 +261,13 @@ def run(args) -> dict:
     start, length, users = _windows(seqs, L)
     model = DenseNextItem(cfg, meta.num_items).to(device)
     lr = args.lr or cfg.deepspeed.lr
-    if args.table_optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
-    else:
-        opt = _Both(torch.optim.Adam(model.tower.parameters(), lr=lr, betas=(0.9, 0.98)),
-                    RowWiseAdagrad(model.items.parameters(), lr=cfg.embedding.lr, eps=cfg.embedding.eps))
+    adam_all = args.table_optimizer == "adam"
+    adam = torch.optim.Adam(model.parameters() if adam_all else model.tower.parameters(), lr=lr, betas=(0.9, 0.98))
+    opt = adam if adam_all else _Both(adam, RowWiseAdagrad(model.items.parameters(), lr=cfg.embedding.lr,
+                                                           eps=cfg.embedding.eps))
     warm = max(cfg.deepspeed.warmup_steps, 1)
-    # the warm-up is the tower's (DeepSpeed's scheduler in the framework); fbgemm's table lr is constant
-    sched = torch.optim.lr_scheduler.LambdaLR(opt.opts[0] if isinstance(opt, _Both) else opt,
-                                              lambda s: min(1.0, (s + 1) / warm))
+    # the warm-up is Adam's (DeepSpeed's scheduler in the framework); fbgemm's table lr is constant
+    sched = torch.optim.lr_scheduler.LambdaLR(adam, lambda s: min(1.0, (s + 1) / warm))
     epochs = args.epochs or cfg.train.epochs
     amp = args.amp == "bf16"
     t0 = time.time()

@@ -61,18 +61,23 @@ def test_batched_evaluation_matches_row_by_row(tmp_path, max_len):
     assert got["full_count"] == got["sampled100_count"] == table.num_rows > 30
 
 
-def test_short_run_trains_and_writes_its_record(tmp_path, capsys):
+def _run_tool(tmp_path, sets, *flags):
+    """tools/dense_next_item.py on the tiny data set with the shared tiny config plus `sets`, on the CPU:
+    (the data set's root, the argument list it ran with but --json, its JSON record)."""
     root = _tiny_next_item_data(tmp_path)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("")
     out = tmp_path / "dense.json"
-    sets = NEXT_ITEM_TINY + STATES + [f"data.path={root}", "data.max_hist_len=10", "deepspeed.lr=0.01",
-                                      "deepspeed.warmup_steps=1", "data.batch_size=8"]
-    args = [str(cfg_path), "--epochs", "4", "--eval-every", "2", "--device", "cpu", "--json", str(out)]
-    for s in sets:
+    args = [str(cfg_path), "--device", "cpu", *flags]
+    for s in NEXT_ITEM_TINY + STATES + [f"data.path={root}"] + list(sets):
         args += ["--set", s]
-    assert tool.main(args) == 0
-    rec = json.loads(out.read_text())
+    assert tool.main(args + ["--json", str(out)]) == 0
+    return root, args, json.loads(out.read_text())
+
+
+def test_short_run_trains_and_writes_its_record(tmp_path, capsys):
+    root, _, rec = _run_tool(tmp_path, ["data.max_hist_len=10", "deepspeed.lr=0.01", "deepspeed.warmup_steps=1",
+                                        "data.batch_size=8"], "--epochs", "4", "--eval-every", "2")
     losses = [h["loss"] for h in rec["history"]]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.05, losses
     assert [h["epoch"] for h in rec["history"] if "valid_sampled100_ndcg@10" in h] == [1, 3]
@@ -120,23 +125,13 @@ def test_bce_negatives_avoid_the_users_training_items_and_the_loss_matches_a_loo
 
 
 def test_short_bce_run_trains(tmp_path):
-    root = _tiny_next_item_data(tmp_path)
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text("")
-    out = tmp_path / "dense.json"
-    sets = NEXT_ITEM_TINY + STATES + [f"data.path={root}", "deepspeed.lr=0.05", "deepspeed.warmup_steps=1",
-                                      "data.batch_size=8"]
-    args = [str(cfg_path), "--epochs", "8", "--device", "cpu", "--objective", "bce", "--negatives", "2",
-            "--json", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    assert tool.main(args) == 0
-    rec = json.loads(out.read_text())
+    _, args, rec = _run_tool(tmp_path, ["deepspeed.lr=0.05", "deepspeed.warmup_steps=1", "data.batch_size=8"],
+                             "--epochs", "8", "--objective", "bce", "--negatives", "2")
     losses = [h["loss"] for h in rec["history"]]
     assert rec["objective"] == "bce" and rec["negatives"] == 2
     assert losses[-1] < losses[0] - 0.05, losses
     with pytest.raises(ValueError, match="--negatives=0"):
-        tool.main(args[:-2] + ["--negatives", "0"])
+        tool.main(args + ["--negatives", "0"])
 
 
 def test_rowwise_adagrad_matches_torchrecs():
@@ -158,18 +153,9 @@ def test_rowwise_adagrad_matches_torchrecs():
 
 
 def test_framework_optimizer_and_batch_plan_train(tmp_path):
-    root = _tiny_next_item_data(tmp_path)
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text("")
-    out = tmp_path / "dense.json"
-    sets = NEXT_ITEM_TINY + STATES + [f"data.path={root}", "deepspeed.warmup_steps=1", "data.batch_size=8",
-                                      "embedding.lr=0.1"]
-    args = [str(cfg_path), "--epochs", "3", "--device", "cpu", "--table-optimizer", "rowwise_adagrad",
-            "--lr", "0.01", "--bucket-batches", "2", "--json", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    assert tool.main(args) == 0
-    rec = json.loads(out.read_text())
+    _, _, rec = _run_tool(tmp_path, ["deepspeed.warmup_steps=1", "data.batch_size=8", "embedding.lr=0.1"],
+                          "--epochs", "3", "--table-optimizer", "rowwise_adagrad", "--lr", "0.01",
+                          "--bucket-batches", "2")
     assert rec["table_optimizer"] == "rowwise_adagrad" and rec["table_lr"] == 0.1 and rec["lr"] == 0.01
     assert rec["bucket_batches"] == 2
     losses = [h["loss"] for h in rec["history"]]
