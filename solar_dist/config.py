@@ -144,6 +144,12 @@ class DeepSpeedConfig:
     grad_clip: float = 1.0
     bf16: bool = False
     warmup_steps: int = 20
+    # Decay after the warm-up, over the run's planned steps (train.epochs x steps per epoch, or train.max_steps
+    # if smaller): none (constant) | linear (to 0, DeepSpeed's WarmupDecayLR) | cosine (to min_lr_ratio x lr,
+    # WarmupCosineLR). A train.max_minutes stop or early stopping ends the run before the schedule does.
+    # The tables' lr (embedding.lr) is not scheduled: row-wise Adagrad already shrinks its steps.
+    lr_decay: str = "none"
+    min_lr_ratio: float = 0.0
     # ZeRO communication buckets (elements). DeepSpeed's default (5e8) allocates GBs for a small tower.
     bucket_size: int = 50_000_000
 
@@ -291,6 +297,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "parallel.backend": ("auto", "gloo", "nccl"),
     "parallel.device": ("auto", "cpu", "cuda"),
     "deepspeed.optimizer": ("AdamW", "Adam", "SGD"),
+    "deepspeed.lr_decay": ("none", "linear", "cosine"),
     "train.select_mode": ("max", "min"),
     "eval.split": ("valid", "test"),
 }
@@ -362,6 +369,12 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"model.rank={m.rank} must be <= embedding.dim={e.dim} (allowed 1..{e.dim})")
     if m.dropout >= 1:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    ds = cfg.deepspeed
+    if not 0 <= ds.min_lr_ratio <= 1:
+        raise ConfigError(f"deepspeed.min_lr_ratio={ds.min_lr_ratio} must be in [0, 1]")
+    if ds.min_lr_ratio > 0 and ds.lr_decay != "cosine":
+        raise ConfigError(f"deepspeed.min_lr_ratio={ds.min_lr_ratio} applies only to deepspeed.lr_decay=cosine "
+                          f"(got lr_decay={ds.lr_decay!r}; linear decays to 0, none does not decay)")
     if cfg.loss.bce_weight == 0 and cfg.loss.listwise_weight == 0:
         raise ConfigError("loss.bce_weight and loss.listwise_weight are both 0; at least one must be > 0")
     if s.min_hist_len > s.max_hist_len:

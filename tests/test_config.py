@@ -94,3 +94,16 @@ def test_all_positions_rejects_what_it_cannot_run(override, needle):
     base = ["data.task=next_item", "next_item.train_mode=all_positions"]
     with pytest.raises(ConfigError, match=needle):
         load_config(None, base + override)
+
+
+def test_lr_decay_options_are_checked_by_name():
+    with pytest.raises(ConfigError, match="deepspeed.lr_decay='step'"):
+        load_config(None, ["deepspeed.lr_decay=step"])
+    with pytest.raises(ConfigError, match="deepspeed.min_lr_ratio=0.1 applies only to deepspeed.lr_decay=cosine"):
+        load_config(None, ["deepspeed.lr_decay=linear", "deepspeed.min_lr_ratio=0.1"])
+    with pytest.raises(ConfigError, match=r"deepspeed.min_lr_ratio=1.5 must be in \[0, 1\]"):
+        load_config(None, ["deepspeed.lr_decay=cosine", "deepspeed.min_lr_ratio=1.5"])
+    from solar_dist.parallel.engine import deepspeed_config
+
+    with pytest.raises(ValueError, match="needs the run's planned steps"):
+        deepspeed_config(load_config(None, ["deepspeed.lr_decay=cosine"]), 1, 0)

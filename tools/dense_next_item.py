@@ -43,6 +43,7 @@ from solar_dist.data.loader import BatchPlan  # noqa: E402
 from solar_dist.data.schema import DatasetMeta, read_split  # noqa: E402
 from solar_dist.data.sequences import Sequences  # noqa: E402
 from solar_dist.model.tower import SolarTower  # noqa: E402
+from solar_dist.parallel.engine import deepspeed_config  # noqa: E402
 from solar_dist.train.ranking import dense_target_ranks, metric_sums, sums_to_metrics  # noqa: E402
 
 
@@ -166,6 +167,18 @@ def _batch_index(start: np.ndarray, length: np.ndarray) -> np.ndarray:
     return np.concatenate([np.arange(s, s + n) for s, n in zip(start, length)])
 
 
+def _schedule(cfg, adam: torch.optim.Optimizer, total_steps: int):
+    """The framework's lr schedule on the tool's Adam: with deepspeed.lr_decay, the very DeepSpeed scheduler
+    class the engine builds (parallel/engine.py); without, the linear warm-up the recorded runs used."""
+    if cfg.deepspeed.lr_decay == "none":
+        warm = max(cfg.deepspeed.warmup_steps, 1)
+        return torch.optim.lr_scheduler.LambdaLR(adam, lambda s: min(1.0, (s + 1) / warm))
+    from deepspeed.runtime import lr_schedules
+
+    spec = deepspeed_config(cfg, 1, total_steps)["scheduler"]
+    return getattr(lr_schedules, spec["type"])(adam, **spec["params"])
+
+
 def train_epoch(model, opt, sched, seqs, start, length, users, batch_size, rng, device, amp,
                 objective: str = "ce", negatives: int = 1, bucket_batches: int = 0, epoch: int = 0,
                 seed: int = 0) -> float:
@@ -265,10 +278,9 @@ def run(args) -> dict:
     adam = torch.optim.Adam(model.parameters() if adam_all else model.tower.parameters(), lr=lr, betas=(0.9, 0.98))
     opt = adam if adam_all else _Both(adam, RowWiseAdagrad(model.items.parameters(), lr=cfg.embedding.lr,
                                                            eps=cfg.embedding.eps))
-    warm = max(cfg.deepspeed.warmup_steps, 1)
-    # the warm-up is Adam's (DeepSpeed's scheduler in the framework); fbgemm's table lr is constant
-    sched = torch.optim.lr_scheduler.LambdaLR(adam, lambda s: min(1.0, (s + 1) / warm))
     epochs = args.epochs or cfg.train.epochs
+    # the schedule is Adam's (DeepSpeed's scheduler in the framework); fbgemm's table lr is constant
+    sched = _schedule(cfg, adam, epochs * (len(users) // cfg.data.batch_size))
     amp = args.amp == "bf16"
     t0 = time.time()
     history, best, best_state, stale = [], None, None, 0

@@ -34,7 +34,7 @@ from ..model.losses import loss_parts
 from ..model.solar import tower_head, tower_inputs
 from ..model.sparse import SparseArch, TableSizes
 from ..model.tower import SolarTower
-from ..parallel.engine import init_engine
+from ..parallel.engine import init_engine, planned_steps
 from ..parallel.groups import Layout, init_distributed
 from ..parallel.sequence import gather_candidates, split_for_sp
 from ..parallel.sharding import describe_plan, shard
@@ -114,7 +114,7 @@ class Trainer:
         init_sharded_tables_(self.dmp, cfg.embedding.init_std, cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         tower = SolarTower(cfg.model, cfg.embedding.dim, head=tower_head(cfg)).to(L.device)
-        self.engine = init_engine(cfg, tower, L.world_size)
+        self.engine = init_engine(cfg, tower, L.world_size, planned_steps(cfg, len(self.loader)))
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else None
         self.global_step = 0
         self.history: List[Dict[str, Any]] = []

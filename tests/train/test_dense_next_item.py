@@ -160,3 +160,20 @@ def test_framework_optimizer_and_batch_plan_train(tmp_path):
     assert rec["bucket_batches"] == 2
     losses = [h["loss"] for h in rec["history"]]
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_tool_schedules_adam_with_the_frameworks_deepspeed_scheduler():
+    """With deepspeed.lr_decay the tool builds the very scheduler the engine's config names, so an ablation and
+    the framework decay alike; without, the recorded runs' linear warm-up is kept."""
+    cfg = load_config(None, ["deepspeed.lr_decay=cosine", "deepspeed.min_lr_ratio=0.5", "deepspeed.warmup_steps=2",
+                             "deepspeed.lr=0.01"])
+    p = torch.nn.Parameter(torch.zeros(1))
+    adam = torch.optim.Adam([p], lr=0.01)
+    sched = tool._schedule(cfg, adam, 10)
+    assert type(sched).__name__ == "WarmupCosineLR" and sched.total_num_steps == 10
+    for _ in range(10):
+        adam.step()
+        sched.step()
+    assert adam.param_groups[0]["lr"] == pytest.approx(0.005)
+    plain = tool._schedule(load_config(None, ["deepspeed.warmup_steps=4"]), torch.optim.Adam([p], lr=0.01), 10)
+    assert isinstance(plain, torch.optim.lr_scheduler.LambdaLR)

@@ -158,3 +158,37 @@ def test_time_budget_ends_training_after_the_step_that_crosses_it(tiny_data, tmp
     summary = t.fit()
     t.close()
     assert summary["stopped_by_time_budget"] is False and summary["steps"] == len(t.loader)
+
+
+@pytest.mark.parametrize("decay,floor", [("linear", 0.0), ("cosine", 0.25)])
+def test_lr_decay_reaches_its_floor_at_the_planned_last_step(tiny_data, tmp_path, decay, floor):
+    """deepspeed.lr_decay: DeepSpeed's scheduler spans train.epochs x steps per epoch; after the warm-up the tower's
+    lr never rises, and the last planned step leaves it at min_lr_ratio x lr (cosine), or one linear decrement
+    above 0 (DeepSpeed's WarmupDecayLR reaches 0 one step after total_num_steps)."""
+    extra = [f"deepspeed.lr_decay={decay}", "deepspeed.warmup_steps=3", "train.epochs=2", "deepspeed.lr=0.01"]
+    if decay == "cosine":
+        extra.append(f"deepspeed.min_lr_ratio={floor}")
+    t = _selection_trainer(tiny_data, tmp_path, *extra)
+    lrs, step = [], t.train_step
+
+    def spy(batch):
+        out = step(batch)
+        lrs.append(t.engine.get_lr()[0])
+        return out
+
+    t.train_step = spy
+    t.fit()
+    t.close()
+    total = 2 * len(t.loader)
+    assert t.engine.lr_scheduler.total_num_steps == total and len(lrs) == total
+    peak = int(torch.tensor(lrs).argmax())
+    assert lrs[peak] == pytest.approx(0.01, rel=0.05) and peak <= 4
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    one_step = 0.01 / (total - 3) if decay == "linear" else 0.0
+    assert lrs[-1] == pytest.approx(floor * 0.01 + one_step, abs=1e-9)
+
+
+def test_lr_decay_spans_max_steps_when_that_is_shorter(tiny_data, tmp_path):
+    t = _selection_trainer(tiny_data, tmp_path, "deepspeed.lr_decay=cosine", "train.epochs=3", "train.max_steps=5")
+    assert t.engine.lr_scheduler.total_num_steps == 5
+    t.close()
