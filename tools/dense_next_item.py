@@ -280,7 +280,8 @@ def run(args) -> dict:
                                                            eps=cfg.embedding.eps))
     epochs = args.epochs or cfg.train.epochs
     # the schedule is Adam's (DeepSpeed's scheduler in the framework); fbgemm's table lr is constant
-    sched = _schedule(cfg, adam, epochs * (len(users) // cfg.data.batch_size))
+    # batches per epoch as train_epoch cuts them: the last partial batch dropped unless it is the only one
+    sched = _schedule(cfg, adam, epochs * max(1, len(users) // cfg.data.batch_size))
     amp = args.amp == "bf16"
     t0 = time.time()
     history, best, best_state, stale = [], None, None, 0
