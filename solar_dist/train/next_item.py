@@ -493,7 +493,7 @@ def popularity_metrics(root: str | Path, split: str = "test", protocols: Sequenc
     cands = table.column("cand_item_ids").combine_chunks()
     cl = torch.from_numpy(np.diff(cands.offsets.to_numpy()).astype(np.int64))
     cv = torch.from_numpy(cands.values.to_numpy(zero_copy_only=False).astype(np.int64))
-    labels = torch.from_numpy(table.column("labels").combine_chunks().values.to_numpy(zero_copy_only=False))
+    labels = torch.from_numpy(table.column("labels").combine_chunks().values.to_numpy(zero_copy_only=False).copy())
     if "sampled100" in protocols:
         m = rank_metrics(jagged_target_ranks(pop[cv], labels, cl), k)
         out.update({f"sampled100_{n}": v for n, v in m.items()})

@@ -38,9 +38,13 @@ def test_bench_quality_smoke(tmp_path):
         assert r["users"] == 610  # every test user of ml-latest-small
         assert r["selected_epochs"] == [0]  # the one (stopped) epoch's evaluation was the validation best
         assert r["loss_weighting"] == weighting  # recorded, so that reports compare like with like
+        # the departures from the config, sorted; where data and runs live is none
+        assert r["recipe"] == ("data.batch_size=8 next_item.eval_max_users=16 train.max_steps=2 "
+                               "train.select_metric=sampled100_ndcg@10"), r["recipe"]
     md = out.with_suffix(".md").read_text()
     assert "ml_latest_small" in md and re.search(r"\| 1 of \d+ \(best 0\) \| 2 \|", md), md
-    assert f"| svd | 4 | {weighting} | sampled100 |" in md and f"sampled100, {weighting} weighting: SVD (r=4)" in md, md
+    assert f"| svd | 4 | {weighting} | {recs[0]['recipe']} | sampled100 |" in md, md
+    assert f"sampled100, {weighting} weighting, {recs[0]['recipe']}: SVD (r=4)" in md, md
     assert not stale.exists(), "a fresh run must not keep an earlier run's checkpoints"
     assert "[eval_real] ml_latest_small svd_r4_s0" in proc.stdout
 
@@ -61,10 +65,55 @@ def test_merge_keeps_the_other_weightings_records():
     assert [(r.get("loss_weighting"), r["ndcg@10"]) for r in merged] == [(None, 0.48), (None, 0.47),
                                                                          ("position", 0.52)]
     md = render_md(merged)
-    assert "| svd | 16 | batch_mean | sampled100 |" in md and "| svd | 16 | position | sampled100 |" in md
+    assert "| svd | 16 | batch_mean | config | sampled100 |" in md and "| svd | 16 | position | config | sampled100 |" in md
     # SVD is checked against exact only within one weighting: there is no exact run under `position`
     assert "sampled100, batch_mean weighting: SVD (r=16) vs exact" in md
     assert "position weighting: SVD (r=16) vs exact" not in md
+
+
+def test_a_recipe_variant_sits_beside_the_config_runs():
+    """A run with other training settings (here a cosine lr decay) neither replaces the config's records nor
+    is compared with them: SVD meets exact only within one recipe."""
+    sys.path.insert(0, str(REPO))
+    from tools.eval_real import merge_records, render_md
+
+    def rec(model, ndcg, recipe=None):
+        r = {"dataset": "ml1m", "model": model, "rank": 16 if model == "svd" else None, "protocol": "full",
+             "hr@10": 0.3, "ndcg@10": ndcg, "mrr": 0.15, "seeds": [0], "wall_seconds": 1.0,
+             "loss_weighting": "position"}
+        if recipe:
+            r["recipe"] = recipe
+        return r
+
+    cos = "deepspeed.lr_decay=cosine train.epochs=30"
+    merged = merge_records([rec("svd", 0.178), rec("exact", 0.170)], [rec("svd", 0.181, cos)])
+    assert sorted(r["ndcg@10"] for r in merged) == [0.170, 0.178, 0.181]
+    merged = merge_records(merged, [rec("svd", 0.182, cos)])  # the same recipe: replaced
+    assert sorted(r["ndcg@10"] for r in merged) == [0.170, 0.178, 0.182]
+    md = render_md(merged)
+    assert f"| svd | 16 | position | {cos} | full | 0.3000 | 0.1820 |" in md, md
+    assert "full, position weighting: SVD (r=16) vs exact NDCG@10: +4.71% relative" in md, md  # 0.178 vs 0.170
+    assert f"full, position weighting, {cos}: SVD (r=16) vs exact" not in md  # no exact under that recipe
+    assert f"best ours 0.1820 (svd r=16, {cos}) — NOT met" in md, md
+
+
+def test_recipe_names_only_the_overrides_that_change_training():
+    sys.path.insert(0, str(REPO))
+    import pytest
+
+    from solar_dist.config import ConfigError
+    from tools.eval_real import recipe_of
+
+    cfg = REPO / "configs" / "ml1m.yaml"
+    own = load_config(cfg)
+    assert recipe_of(cfg, []) == "config"
+    # the config's own value, where data and runs live, and the safety stop are no departure
+    assert recipe_of(cfg, [f"data.batch_size={own.data.batch_size}", "data.path=/elsewhere",
+                           "train.run_dir=/tmp/r", "train.max_minutes=5"]) == "config"
+    assert recipe_of(cfg, ["train.epochs=30", "deepspeed.lr_decay=cosine"]) == \
+        "deepspeed.lr_decay=cosine train.epochs=30"
+    with pytest.raises(ConfigError, match="lr_decay"):
+        recipe_of(cfg, ["deepspeed.lr_decay=step"])
 
 
 def test_seed_note_counts_the_seeds_each_side_wins():
