@@ -115,6 +115,10 @@ class ModelConfig:
     # how causal SVD-Attention gets the interests of each chunk-boundary prefix: cumulative (running Gram
     # sums, O(N·D²), needs basis_grad=full) | recompute (svd_method on every prefix, O(N²/C·D·r))
     causal_prefix: str = "cumulative"
+    # causal SVD-Attention: the interests (the events older than the window) get the learned per-head bias that
+    # exact attention gives its tokens older than the window (the block's rel_bias[:, causal_window]), so the two
+    # kinds have the same parameters. Off: the interests' scores carry no bias (the behaviour before 2026-11-28).
+    interest_far_bias: bool = False
 
 
 @dataclass

@@ -83,11 +83,13 @@ class SolarBlock(nn.Module):
             self.window = cfg.truncate_k if cfg.attention == "truncate" else cfg.causal_window
             self.rel_bias = nn.Parameter(torch.zeros(cfg.num_heads, self.window + 1))
             self.causal_prefix = cfg.causal_prefix
+            self.far_bias = cfg.interest_far_bias and self.causal_kind == "svd"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         h = self.norm1(x)
         if self.causal:
-            a = causal_attention(self.attn, h, mask, self.window, self.rel_bias, self.causal_kind, self.causal_prefix)
+            a = causal_attention(self.attn, h, mask, self.window, self.rel_bias, self.causal_kind, self.causal_prefix,
+                                 far_bias=self.far_bias)
         else:
             a = self.attn(h, h, mask, query_mask=mask, sp_group=sp_group)
         x = x + self.drop(a)

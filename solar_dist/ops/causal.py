@@ -10,6 +10,8 @@ sample per cut point), position t may only see events <= t. Three kinds, one sig
                   * the r compact interests of the prefix [0, jC) (see `prefix` below for how), and
                   * the exact tokens of the sliding window [t-C+1, t] (itself included), with a learned
                     per-head bias for each offset t-s in [0, C).
+                With ``far_bias`` the interests, which stand for the events older than the window, get the
+                learned bias of offset `window`, as the ``exact`` kind gives its older tokens.
                 Nothing at or after the chunk boundary jC enters the interests, and nothing after t enters the
                 window, so no event after t reaches position t (tests check gradients are exactly zero).
                 Cost per user: O(N·C·D) for the windows plus the interests of N/C prefixes. By default
@@ -62,15 +64,17 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
 
 
 def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
-                     rel_bias: Optional[torch.Tensor] = None, kind: str = "svd", prefix: str = "cumulative"
-                     ) -> torch.Tensor:
+                     rel_bias: Optional[torch.Tensor] = None, kind: str = "svd", prefix: str = "cumulative",
+                     far_bias: bool = False) -> torch.Tensor:
     """x (B, N, D): queries, keys and values are the sequence's own tokens; mask (B, N) left-aligned valid
     positions. `attn`: an attention module (its q/k/v/out projections, heads and, for ``svd``, `interests`).
     `rel_bias` (h, window + 1): additive score bias per head for offsets 0..window-1, last entry for older
-    tokens (``exact`` only). `prefix` (``svd``): ``cumulative`` computes the prefix interests from running
+    tokens (``exact``), and for the interests with `far_bias` (``svd``). `prefix` (``svd``): ``cumulative`` computes the prefix interests from running
     Gram sums (ops/interests.prefix_interests; basis_grad must be "full"); ``recompute`` calls the module's
     `interests` (its svd_method) on each prefix. Returns (B, N, D); padded positions are zero."""
     _check(attn, x, mask, window, rel_bias, kind)
+    if far_bias and rel_bias is None:
+        raise ValueError("far_bias=True adds rel_bias[:, window] to the interests' scores; rel_bias is None")
     if prefix not in CAUSAL_PREFIXES:
         raise ValueError(f"prefix must be one of {list(CAUSAL_PREFIXES)}, got {prefix!r}")
     if kind == "svd" and prefix == "cumulative" and attn.basis_grad != "full":
@@ -127,6 +131,8 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
         s_int = torch.einsum("bjqhe,bjrhe->bjhqr", q, ki) * scale          # (B,nC,h,C,r)
         if attn.mass_bias:
             s_int = s_int + bias[:, :, None, None, :]
+        if far_bias:  # the interests summarise the events older than the window: exact's "far" bias, per head
+            s_int = s_int + rel_bias[:, C].to(s_int.dtype)[None, None, :, None, None]
         m_int = alive[:, :, None, None, :].expand(B, nC, 1, C, r)
         s = torch.cat([s_int, s_win], -1).masked_fill(~torch.cat([m_int, m_win], -1), torch.finfo(s_win.dtype).min)
         p = torch.softmax(s, -1)

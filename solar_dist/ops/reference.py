@@ -148,12 +148,12 @@ def ref_exact_attention(module, query, memory, memory_mask, query_mask=None, ext
     return ref_mha(module, query, kv, kv_mask, None, query_mask, use_sdpa=False)
 
 
-def ref_causal_attention(module, x, mask, window, rel_bias=None, kind="svd", tol=None):
+def ref_causal_attention(module, x, mask, window, rel_bias=None, kind="svd", tol=None, far_bias=False):
     """Reference of :func:`solar_dist.ops.causal.causal_attention`, position by position in float64.
 
     Position t of user b attends to: (``svd``) the reference interests of x[b, :(t // window) * window] and the
     tokens s in [t - window + 1, t]; (``truncate``) those tokens only; (``exact``) every s <= t. Offset t - s
-    gets rel_bias[:, min(t - s, window)]."""
+    gets rel_bias[:, min(t - s, window)]; with `far_bias` every interest gets rel_bias[:, window] too."""
     B, N, D = x.shape
     h = module.num_heads
     dh = D // h
@@ -177,8 +177,11 @@ def ref_causal_attention(module, x, mask, window, rel_bias=None, kind="svd", tol
                     zb = z[0][alive[0]]
                     ib = (mass[0][alive[0]].clamp_min(1e-30).log() if module.mass_bias
                           else torch.zeros(zb.shape[0], dtype=torch.float64))
+                    ib = ib[None, :].expand(h, -1)
+                    if far_bias:
+                        ib = ib + bias_tab[:, window, None]
                     kv = torch.cat([zb, toks], 0)
-                    kv_bias = torch.cat([ib[None, :].expand(h, -1), tok_bias], 1)
+                    kv_bias = torch.cat([ib, tok_bias], 1)
             q = _lin(xb[t: t + 1], module.q_proj).view(1, h, dh).transpose(0, 1)  # (h,1,dh)
             k = _lin(kv, module.k_proj).view(-1, h, dh).transpose(0, 1)          # (h,K,dh)
             v = _lin(kv, module.v_proj).view(-1, h, dh).transpose(0, 1)

@@ -49,6 +49,29 @@ def test_matches_reference(kind, prefix, case):
     assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
 
 
+@pytest.mark.parametrize("prefix", ["cumulative", "recompute"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_far_bias_on_the_interests_matches_reference(prefix, case):
+    """far_bias: the interests get rel_bias[:, window]; the reference adds it per head to each interest."""
+    lengths, N, D, h, r, w = CASES[case]
+    gen = torch.Generator().manual_seed(200 + case)
+    x, mask = _batch(lengths, N, D, gen)
+    m = _module(D, h, r, "exact", mass_bias=(case % 2 == 0))
+    rel = torch.randn(h, w + 1, generator=gen, dtype=torch.float64)
+    rel[:, w] += 3.0  # a far bias large enough to move the softmax
+    got = causal_attention(m, x, mask, w, rel, "svd", prefix, far_bias=True)
+    torch.testing.assert_close(got, ref_causal_attention(m, x, mask, w, rel, "svd", far_bias=True),
+                               atol=1e-9, rtol=1e-7)
+    without = causal_attention(m, x, mask, w, rel, "svd", prefix)
+    past_window = mask & (torch.arange(N)[None, :] >= w)  # positions that see interests
+    if bool(past_window.any()):
+        assert not torch.allclose(got[past_window], without[past_window])
+    # positions in the first chunk have no interests: the bias changes nothing there
+    torch.testing.assert_close(got[:, :w], without[:, :w], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="far_bias"):
+        causal_attention(m, x, mask, w, None, "svd", prefix, far_bias=True)
+
+
 @pytest.mark.parametrize("method", ["gram", "randomized"])
 def test_fast_interest_methods_match_reference_on_low_rank_sequences(method):
     """With prefixes of rank <= r every method is lossless, so the chunked op equals the exact reference."""
