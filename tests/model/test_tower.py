@@ -86,3 +86,27 @@ def test_old_events_reach_the_logits_beyond_the_recent_window():
         outs[attention] = (a - b).abs().max().item()
     assert outs["svd"] > 1e-3
     assert outs["truncate"] < 1e-12
+
+
+@pytest.mark.parametrize("attention", ["svd", "sdpa", "truncate"])
+def test_interest_far_bias_trains_the_far_slot_of_causal_svd_only(attention):
+    """model.interest_far_bias: under causal SVD the far slot of each block's rel_bias gets a gradient (it biases
+    the interests); without the option it stays unused there. Exact attention uses it either way (its tokens
+    older than the window); truncation never sees them."""
+    lengths = [20, 5, 12]
+    hist, hl, _, _, _ = make_inputs(lengths, [1, 1, 1], 16, seed=3)
+    grads = {}
+    for far in (False, True):
+        torch.manual_seed(0)
+        cfg = ModelConfig(depth=1, num_heads=2, rank=4, attention=attention, causal_window=4, truncate_k=4,
+                          svd_method="gram", interest_far_bias=far)
+        tower = SolarTower(cfg, 16, head="states")
+        tower(hist, hl, mode="states").square().sum().backward()
+        g = tower.blocks[0].rel_bias.grad
+        grads[far] = float(g[:, -1].abs().sum())
+    if attention == "svd":
+        assert grads[False] == 0.0 and grads[True] > 0.0
+    elif attention == "sdpa":
+        assert grads[False] > 0.0 and grads[True] == grads[False]  # the option does not touch exact attention
+    else:
+        assert grads[False] == grads[True] == 0.0
