@@ -214,8 +214,10 @@ def _epochs(r: Dict) -> str:
     sel = [e for e in r.get("selected_epochs") or [] if e is not None]
     trained = sorted({e for e in r.get("epochs_trained") or [] if e is not None})
     out = f"{r.get('epochs', '')}"
-    if trained and trained != [r.get("epochs")]:  # early stopping ended some run before the last epoch
+    if trained and trained != [r.get("epochs")]:  # early stopping or the time limit ended a run early
         out = f"{','.join(map(str, trained))} of {out}"
+    if any(r.get("stopped_by_time_budget") or []):  # train.max_minutes, not the validation, ended it
+        out += ", time limit"
     return out + (f" (best {','.join(map(str, sel))})" if sel else "")
 
 
@@ -252,7 +254,8 @@ def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, floa
              "excluded. Ties count against the target. Metrics are on the test split, scored once, with the weights "
              "of the last epoch or, where the config sets `train.select_metric`, of the epoch with the best "
              "validation metric (`epochs` then reads `7 of 10 (best 4)`: 7 epochs trained of at most 10, early "
-             "stopping, the weights of epoch 4 tested, epochs counted from 0): never a selection "
+             "stopping, the weights of epoch 4 tested, epochs counted from 0; `, time limit`: "
+             "`train.max_minutes` ended the run): never a selection "
              "on test. Mean over the listed seeds. `epochs`/`steps` show how short each run was "
              "— compare with the published numbers only when the budget matches. `users` is the number of "
              "test users ranked (full ranking may use a fixed random subset: `next_item.full_max_users`). "

@@ -116,6 +116,16 @@ def test_recipe_names_only_the_overrides_that_change_training():
         recipe_of(cfg, ["deepspeed.lr_decay=step"])
 
 
+def test_epochs_column_says_when_the_time_limit_ended_a_run():
+    sys.path.insert(0, str(REPO))
+    from tools.eval_real import _epochs
+
+    r = {"epochs": 30, "epochs_trained": [29], "selected_epochs": [None], "stopped_by_time_budget": [True]}
+    assert _epochs(r) == "29 of 30, time limit"
+    assert _epochs({**r, "epochs_trained": [30], "stopped_by_time_budget": [False]}) == "30"
+    assert _epochs({"epochs": 10, "epochs_trained": [7, 8], "selected_epochs": [4, 5]}) == "7,8 of 10 (best 4,5)"
+
+
 def test_seed_note_counts_the_seeds_each_side_wins():
     sys.path.insert(0, str(REPO))
     from tools.eval_real import _seeds_note
