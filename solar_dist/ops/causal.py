@@ -69,9 +69,10 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
     """x (B, N, D): queries, keys and values are the sequence's own tokens; mask (B, N) left-aligned valid
     positions. `attn`: an attention module (its q/k/v/out projections, heads and, for ``svd``, `interests`).
     `rel_bias` (h, window + 1): additive score bias per head for offsets 0..window-1, last entry for older
-    tokens (``exact``), and for the interests with `far_bias` (``svd``). `prefix` (``svd``): ``cumulative`` computes the prefix interests from running
-    Gram sums (ops/interests.prefix_interests; basis_grad must be "full"); ``recompute`` calls the module's
-    `interests` (its svd_method) on each prefix. Returns (B, N, D); padded positions are zero."""
+    tokens (``exact``), and for the interests with `far_bias` (``svd``). `prefix` (``svd``): ``cumulative``
+    computes the prefix interests from running Gram sums (ops/interests.prefix_interests; basis_grad must be
+    "full"); ``recompute`` calls the module's `interests` (its svd_method) on each prefix. Returns (B, N, D);
+    padded positions are zero."""
     _check(attn, x, mask, window, rel_bias, kind)
     if far_bias and rel_bias is None:
         raise ValueError("far_bias=True adds rel_bias[:, window] to the interests' scores; rel_bias is None")
