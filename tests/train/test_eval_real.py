@@ -110,8 +110,11 @@ def test_recipe_names_only_the_overrides_that_change_training():
     # the config's own value, where data and runs live, and the safety stop are no departure
     assert recipe_of(cfg, [f"data.batch_size={own.data.batch_size}", "data.path=/elsewhere",
                            "train.run_dir=/tmp/r", "train.max_minutes=5"]) == "config"
-    assert recipe_of(cfg, ["train.epochs=30", "deepspeed.lr_decay=cosine"]) == \
-        "deepspeed.lr_decay=cosine train.epochs=30"
+    # departures from the config's own values (whatever they are), sorted by key
+    decay = "linear" if own.deepspeed.lr_decay != "linear" else "cosine"
+    epochs = own.train.epochs + 5
+    assert recipe_of(cfg, [f"train.epochs={epochs}", f"deepspeed.lr_decay={decay}"]) == \
+        f"deepspeed.lr_decay={decay} train.epochs={epochs}"
     with pytest.raises(ConfigError, match="lr_decay"):
         recipe_of(cfg, ["deepspeed.lr_decay=step"])
 
