@@ -87,26 +87,21 @@ NOT_RECIPE = ("data.path", "train.run_dir", "train.max_minutes", "train.progress
               "next_item.full_max_users")
 
 
-def _get(cfg, key: str):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def recipe_of(config: str | Path, overrides: Sequence[str]) -> str:
     """`config`, or the overrides (sorted, space-separated) that change a training setting of `config`: an
     override equal to the file's own value (say a setting that has since become the config's) is no departure.
-    Raises the config's own error on an unknown key or a bad value."""
+    The overrides are applied together, as the run applies them (one may need another, say min_lr_ratio a
+    cosine lr_decay); a key given twice counts with its last value. Raises the config's own error on an
+    unknown key or a bad value."""
+    from omegaconf import OmegaConf
+
     from solar_dist.config import load_config
 
-    base = load_config(config)
-    changed = []
-    for o in overrides:
-        key = o.split("=", 1)[0].strip()
-        if key in NOT_RECIPE:
-            continue
-        if _get(load_config(config, [o]), key) != _get(base, key):
-            changed.append(o.strip())
+    last = {o.split("=", 1)[0].strip(): o.strip() for o in overrides}
+    base = OmegaConf.structured(load_config(config))
+    ran = OmegaConf.structured(load_config(config, list(last.values())))
+    changed = [o for key, o in last.items()
+               if key not in NOT_RECIPE and OmegaConf.select(ran, key) != OmegaConf.select(base, key)]
     return " ".join(sorted(changed)) or "config"
 
 
@@ -134,6 +129,7 @@ def run_one(dataset: str, model: str, rank: Optional[int], seed: int, args) -> D
         overrides.append(f"train.max_steps={args.max_steps}")
     overrides += list(args.set or [])
     cfg = load_config(REPO / spec["config"], overrides)
+    recipe = recipe_of(REPO / spec["config"], _recipe_overrides(args))  # before training: a bad key fails now
     if not Path(cfg.data.path).is_absolute():
         cfg.data.path = str(REPO / cfg.data.path)
     if not Path(cfg.train.run_dir).is_absolute():
@@ -163,7 +159,7 @@ def run_one(dataset: str, model: str, rank: Optional[int], seed: int, args) -> D
             "epochs_trained": 1 + max((h["epoch"] for h in summary["history"]), default=-1),
             "full_max_users": cfg.next_item.full_max_users, "config": spec["config"],
             "loss_weighting": cfg.next_item.loss_weighting,
-            "recipe": recipe_of(REPO / spec["config"], _recipe_overrides(args))}
+            "recipe": recipe}
 
 
 def _mean(xs: List[float]) -> float:
@@ -263,7 +259,7 @@ def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, floa
              "`weighting` is `next_item.loss_weighting`: `position` (the default since 2026-11-27) weighs "
              "every training position alike, `user` every user alike; `batch_mean` (every earlier record) "
              "averaged each length-bucketed batch on its own. `recipe`: `config` is the data set's config as "
-             "committed; otherwise the overrides the runs trained with (`solar bench quality --set ...`). SVD is "
+             "committed when the run was made (`steps` tells apart runs whose config has changed since); otherwise the overrides the runs trained with (`solar bench quality --set ...`). SVD is "
              "compared with the baselines only within one weighting and one recipe.", ""]
     for ds in ("ml1m", "games", "ml_latest_small"):
         recs = [r for r in records if r["dataset"] == ds]

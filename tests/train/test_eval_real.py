@@ -117,6 +117,17 @@ def test_recipe_names_only_the_overrides_that_change_training():
         f"deepspeed.lr_decay={decay} train.epochs={epochs}"
     with pytest.raises(ConfigError, match="lr_decay"):
         recipe_of(cfg, ["deepspeed.lr_decay=step"])
+    # overrides that need each other are applied together, as the run applies them; a key given twice counts
+    # once, with its last value; keys inside a dict-valued field are looked up too
+    g = REPO / "configs" / "games.yaml"
+    assert load_config(g).deepspeed.lr_decay == "none"  # min_lr_ratio alone would be refused here
+    assert recipe_of(g, ["deepspeed.min_lr_ratio=0.1", "deepspeed.lr_decay=cosine"]) == \
+        "deepspeed.lr_decay=cosine deepspeed.min_lr_ratio=0.1"
+    assert recipe_of(g, ["train.epochs=3", "train.epochs=4"]) == "train.epochs=4"
+    item = load_config(g).embedding.sharding_types["item"]
+    other = "table_wise" if item != "table_wise" else "column_wise"
+    assert recipe_of(g, [f"embedding.sharding_types.item={other}"]) == f"embedding.sharding_types.item={other}"
+    assert recipe_of(g, [f"embedding.sharding_types.item={item}"]) == "config"
 
 
 def test_epochs_column_says_when_the_time_limit_ended_a_run():
