@@ -119,6 +119,10 @@ class ModelConfig:
     # exact attention gives its tokens older than the window (the block's rel_bias[:, causal_window]), so the two
     # kinds have the same parameters. Off: the interests' scores carry no bias (the behaviour before 2026-11-28).
     interest_far_bias: bool = False
+    # causal SVD-Attention: what the loss's gradient reaches through the interests (ops/causal.INTEREST_GRADS):
+    # full | eigenvalues (the Gram eigenvectors held constant; needs causal_prefix=cumulative) | none (the
+    # interests are constants to the loss; the k/v projections still learn from them). The forward is the same.
+    interest_grad: str = "full"
 
 
 @dataclass
@@ -291,6 +295,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "next_item.train_mode": ("prefix_samples", "all_positions"),
     "next_item.loss_weighting": ("position", "user", "batch_mean"),
     "model.causal_prefix": ("cumulative", "recompute"),
+    "model.interest_grad": ("full", "eigenvalues", "none"),
     "tune.mode": ("max", "min"),
     "data.loader": ("pyarrow", "ray"),
     "embedding.optimizer": ("rowwise_adagrad", "adagrad", "adam", "sgd"),
@@ -418,6 +423,10 @@ def validate(cfg: Any) -> None:
         if cfg.model.attention == "svd" and cfg.model.causal_prefix == "cumulative" and cfg.model.basis_grad != "full":
             raise ConfigError(f"model.causal_prefix=cumulative differentiates through the basis; model.basis_grad="
                               f"{cfg.model.basis_grad!r} needs model.causal_prefix=recompute")
+        if cfg.model.interest_grad == "eigenvalues" and cfg.model.causal_prefix != "cumulative":
+            raise ConfigError("model.interest_grad=eigenvalues holds the Gram eigenvectors of the cumulative prefix "
+                              f"constant; model.causal_prefix={cfg.model.causal_prefix!r} needs interest_grad full "
+                              "or none")
         if cfg.next_item.train_negatives == 0 and cfg.next_item.share_negatives:
             raise ConfigError("next_item.share_negatives=true pools sampled negatives, but train_negatives=0 "
                               "already scores every position against the full catalogue; drop one of them")

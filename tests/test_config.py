@@ -89,6 +89,8 @@ def test_every_shipped_config_loads(path):
     (["next_item.train_negatives=0", "loss.bce_weight=1"], "loss.bce_weight=1.0"),
     (["model.basis_grad=detach"], "causal_prefix=recompute"),
     (["model.causal_prefix=gram"], "causal_prefix"),
+    (["model.causal_prefix=recompute", "model.interest_grad=eigenvalues"], "interest_grad=eigenvalues"),
+    (["model.interest_grad=detach"], "model.interest_grad"),
 ])
 def test_all_positions_rejects_what_it_cannot_run(override, needle):
     base = ["data.task=next_item", "next_item.train_mode=all_positions"]

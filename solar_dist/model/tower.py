@@ -84,12 +84,13 @@ class SolarBlock(nn.Module):
             self.rel_bias = nn.Parameter(torch.zeros(cfg.num_heads, self.window + 1))
             self.causal_prefix = cfg.causal_prefix
             self.far_bias = cfg.interest_far_bias and self.causal_kind == "svd"
+            self.interest_grad = cfg.interest_grad if self.causal_kind == "svd" else "full"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         h = self.norm1(x)
         if self.causal:
             a = causal_attention(self.attn, h, mask, self.window, self.rel_bias, self.causal_kind, self.causal_prefix,
-                                 far_bias=self.far_bias)
+                                 far_bias=self.far_bias, interest_grad=self.interest_grad)
         else:
             a = self.attn(h, h, mask, query_mask=mask, sp_group=sp_group)
         x = x + self.drop(a)

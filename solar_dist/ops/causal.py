@@ -39,6 +39,10 @@ from .interests import prefix_interests
 
 CAUSAL_KINDS = ("svd", "exact", "truncate")
 CAUSAL_PREFIXES = ("cumulative", "recompute")
+#: what the loss's gradient reaches through the interests (svd kind): "full"; "eigenvalues" (cumulative prefix:
+#: the eigenvectors held constant, ops/interests.PREFIX_GRADS); "none" (the interests enter as constants: their
+#: keys and values still train the k/v projections, but nothing flows back into the tokens they summarise)
+INTEREST_GRADS = ("full", "eigenvalues", "none")
 
 
 def _check(attn, x: torch.Tensor, mask: torch.Tensor, window: int, rel_bias: Optional[torch.Tensor], kind: str):
@@ -65,19 +69,26 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
 
 def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
                      rel_bias: Optional[torch.Tensor] = None, kind: str = "svd", prefix: str = "cumulative",
-                     far_bias: bool = False) -> torch.Tensor:
+                     far_bias: bool = False, interest_grad: str = "full") -> torch.Tensor:
     """x (B, N, D): queries, keys and values are the sequence's own tokens; mask (B, N) left-aligned valid
     positions. `attn`: an attention module (its q/k/v/out projections, heads and, for ``svd``, `interests`).
     `rel_bias` (h, window + 1): additive score bias per head for offsets 0..window-1, last entry for older
     tokens (``exact``), and for the interests with `far_bias` (``svd``). `prefix` (``svd``): ``cumulative``
     computes the prefix interests from running Gram sums (ops/interests.prefix_interests; basis_grad must be
-    "full"); ``recompute`` calls the module's `interests` (its svd_method) on each prefix. Returns (B, N, D);
+    "full"); ``recompute`` calls the module's `interests` (its svd_method) on each prefix. `interest_grad`
+    (INTEREST_GRADS, ``svd``): how much of the gradient flows back through the interests; the forward is the
+    same for all three. Returns (B, N, D);
     padded positions are zero."""
     _check(attn, x, mask, window, rel_bias, kind)
     if far_bias and rel_bias is None:
         raise ValueError("far_bias=True adds rel_bias[:, window] to the interests' scores; rel_bias is None")
     if prefix not in CAUSAL_PREFIXES:
         raise ValueError(f"prefix must be one of {list(CAUSAL_PREFIXES)}, got {prefix!r}")
+    if interest_grad not in INTEREST_GRADS:
+        raise ValueError(f"interest_grad must be one of {list(INTEREST_GRADS)}, got {interest_grad!r}")
+    if kind == "svd" and interest_grad == "eigenvalues" and prefix != "cumulative":
+        raise ValueError("interest_grad='eigenvalues' holds the Gram eigenvectors constant and needs "
+                         f"prefix='cumulative', got prefix={prefix!r}")
     if kind == "svd" and prefix == "cumulative" and attn.basis_grad != "full":
         raise ValueError(f"prefix='cumulative' differentiates through the basis (basis_grad='full'); the module "
                          f"has basis_grad={attn.basis_grad!r}: use prefix='recompute'")
@@ -113,7 +124,8 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
         r = attn.rank
         if prefix == "cumulative":  # every prefix [0, jC) from running Gram sums: O(N·D² + N/C·D³)
             # only boundaries whose chunk holds a query: in a batch of skewed lengths most lie past the end
-            it = prefix_interests(xm, mask, r, C, attn.interest_scale, tol=attn.tol, needed=mc[:, 1:].any(-1))
+            it = prefix_interests(xm, mask, r, C, attn.interest_scale, tol=attn.tol, needed=mc[:, 1:].any(-1),
+                                  grad="eigenvalues" if interest_grad == "eigenvalues" else "full")
             z = torch.cat([x.new_zeros(B, 1, r, D), it.z.to(x.dtype)], 1)  # (B,nC,r,D); chunk 0 has no past
             alive = torch.cat([mask.new_zeros(B, 1, r), it.alive], 1)
             if attn.mass_bias:
@@ -127,6 +139,10 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
                 if attn.mass_bias:
                     biases.append(attn.interest_bias(it).to(x.dtype))
             z, alive, bias = torch.stack(zs, 1), torch.stack(alives, 1), torch.stack(biases, 1)
+        if interest_grad == "none":
+            z = z.detach()
+            if attn.mass_bias:
+                bias = bias.detach()
         ki = _heads(attn.k_proj(z), h)                                     # (B,nC,r,h,dh)
         vi = _heads(attn.v_proj(z), h)
         s_int = torch.einsum("bjqhe,bjrhe->bjhqr", q, ki) * scale          # (B,nC,h,C,r)

@@ -57,6 +57,9 @@ BASIS_GRADS = ("full", "detach")
 
 #: relative size of the regulariser of the 1/(σ_i²−σ_j²) gap terms: ε = (GAP_EPS·σ_1²)²
 GAP_EPS = 1e-6
+#: prefix_interests' gradient into the Gram sums: "full" (eigenvalues and eigenvectors), "eigenvalues" (the basis
+#: V held constant: z_i = σ_i v_i moves along v_i only, no 1/(λ_i − λ_k) terms)
+PREFIX_GRADS = ("full", "eigenvalues")
 #: smallest default dead-component threshold of prefix_interests (σ from eigenvalues of a float64 Gram)
 GRAM_TOL_FLOOR = 1e-7
 #: seed of the randomized range finder's test matrix Ω (identical on every rank)
@@ -386,7 +389,7 @@ class _GramInterestsCore(torch.autograd.Function):
     symmetrised. Exact wherever λ_1..λ_r are simple and above the null space, whatever the rank of G."""
 
     @staticmethod
-    def forward(ctx, G, n, rank, tol, dt):
+    def forward(ctx, G, n, rank, tol, dt, eig_only=False):
         M, D, _ = G.shape
         r = rank
         lam, V = _eigh_desc(G)
@@ -397,6 +400,7 @@ class _GramInterestsCore(torch.autograd.Function):
                                                                                           device=G.device))
         ctx.save_for_backward(lam, V, sig, alive)
         ctx.rank = r
+        ctx.eig_only = eig_only
         ctx.mark_non_differentiable(alive)
         return z_raw.to(dt), sig.to(dt), alive
 
@@ -405,9 +409,14 @@ class _GramInterestsCore(torch.autograd.Function):
         lam, V, sig, alive = ctx.saved_tensors
         r = ctx.rank
         if gz is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         zb = torch.where(alive[..., None], gz.to(lam.dtype), torch.zeros((), dtype=lam.dtype, device=lam.device))
         Y = zb @ V                                                       # (M,r,D): z̄_i · v_k
+        half = torch.where(alive, 0.5 / torch.where(alive, sig, torch.ones_like(sig)), torch.zeros_like(sig))
+        if ctx.eig_only:  # V constant: dσ_i = v_iᵀ dG v_i / (2σ_i), so Ḡ = V_r diag(z̄_i·v_i / (2σ_i)) V_rᵀ
+            Vr = V[..., :r]
+            return (Vr * (torch.diagonal(Y[..., :r], dim1=-2, dim2=-1) * half)[:, None, :]) @ Vr.mT, \
+                None, None, None, None, None
         lam_r = torch.where(alive, lam[:, :r], torch.zeros_like(sig))
         d = lam_r[:, :, None] - lam[:, None, :]                          # (M,r,D)
         eps = (GAP_EPS * lam[:, :1, None].clamp_min(0)).square() + torch.finfo(lam.dtype).tiny
@@ -415,15 +424,15 @@ class _GramInterestsCore(torch.autograd.Function):
         eye = torch.eye(r, lam.shape[-1], dtype=torch.bool, device=F.device)
         F = torch.where(alive[..., None] & ~eye, F, torch.zeros_like(F))
         Kt = sig[..., None] * Y * F                                      # (M,r,D) = Kᵀ off the diagonal
-        half = torch.where(alive, 0.5 / torch.where(alive, sig, torch.ones_like(sig)), torch.zeros_like(sig))
         diag = torch.diag_embed(torch.diagonal(Y[..., :r], dim1=-2, dim2=-1) * half)   # K_ii = Y_ii / (2σ_i)
         Kt = Kt + torch.cat([diag, Y.new_zeros(*Y.shape[:-1], Y.shape[-1] - r)], -1)
         Gb = V @ Kt.mT @ V[..., :r].mT                                   # (M,D,D)
-        return 0.5 * (Gb + Gb.mT), None, None, None, None
+        return 0.5 * (Gb + Gb.mT), None, None, None, None, None
 
 
 def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int, scale: str = "sqrt_n", *,
-                     tol: Optional[float] = None, needed: Optional[torch.Tensor] = None) -> Interests:
+                     tol: Optional[float] = None, needed: Optional[torch.Tensor] = None,
+                     grad: str = "full") -> Interests:
     """The interests of every prefix [0, j·chunk) of each sequence, j = 1 .. ceil(N/chunk) − 1, in
     O(N·D² + (N/chunk)·D³) instead of recomputing each prefix (O(N²/chunk·D·r)).
 
@@ -432,7 +441,9 @@ def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int,
     per-chunk Gram matrices (float64, which keeps the null spectrum at ~1e-8·σ_1, far below `tol`) are summed
     cumulatively and each boundary pays one D×D eigh; backward flows through the same sums. Equals
     `compact_interests_ex(h[:, :j·chunk], mask[:, :j·chunk], rank, "exact", scale)` for every j (its
-    reference twin; tests/ops/test_prefix_interests.py). basis_grad is always "full".
+    reference twin; tests/ops/test_prefix_interests.py). `grad` (PREFIX_GRADS): "full" backpropagates through
+    eigenvalues and eigenvectors (gap terms bounded); "eigenvalues" holds the eigenvectors constant, so the
+    gradient reaches the tokens through the interests' lengths σ_i only (forward unchanged).
 
     `tol`: None = max(default_tol(dtype), 1e-7), since σ comes from eigenvalues of a float64 Gram matrix.
     `needed` (B, P) bool: only these prefixes are factorised; the others come back with no live interest (z 0,
@@ -443,6 +454,7 @@ def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int,
     _validate(h, mask, rank, "gram", scale, "full", tol, 0, 0, None)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    _check_choice("grad", grad, PREFIX_GRADS)
     B, N, D = h.shape
     P = max(0, -(-N // chunk) - 1)
     dt = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
@@ -456,11 +468,11 @@ def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int,
                          f"{needed.dtype}")
     with torch.autocast(device_type=h.device.type, enabled=False):
         if needed is None or bool(needed.all()):
-            z, alive, mass, sigma = _prefix_from_grams(h, mask, rank, chunk, P, scale, tol_v, dt)
+            z, alive, mass, sigma = _prefix_from_grams(h, mask, rank, chunk, P, scale, tol_v, dt, None, grad)
         else:  # the Gram sums of the users with a needed prefix, the eigh of the needed prefixes only
             users = needed.any(1).nonzero().squeeze(1)
             z_u, alive_u, mass_u, sigma_u = _prefix_from_grams(h[users], mask[users], rank, chunk, P, scale, tol_v,
-                                                               dt, needed[users])
+                                                               dt, needed[users], grad)
             z, alive, mass, sigma = _scatter_rows(B, users, z_u, alive_u, mass_u, sigma_u)
     if h.dtype != dt:
         return Interests(z.to(h.dtype), alive, mass.to(h.dtype), sigma.detach().to(h.dtype))
@@ -468,7 +480,7 @@ def prefix_interests(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int,
 
 
 def _prefix_from_grams(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: int, P: int, scale: str, tol: float,
-                       dt: torch.dtype, needed: Optional[torch.Tensor] = None):
+                       dt: torch.dtype, needed: Optional[torch.Tensor] = None, grad: str = "full"):
     """prefix_interests' computation: cumulative float64 Gram matrices, row sums and counts of the P boundary
     prefixes, then one eigh per prefix (per `needed` prefix when given; the others stay zero and dead)."""
     B, _, D = h.shape
@@ -479,10 +491,11 @@ def _prefix_from_grams(h: torch.Tensor, mask: torch.Tensor, rank: int, chunk: in
     s = torch.cumsum(hc.sum(2), 1)                                       # (B,P,D) row sums
     n = torch.cumsum(mask[:, : P * chunk].reshape(B, P, chunk).sum(2), 1).to(f64)  # (B,P)
     if needed is None:
-        z_raw, sigma, alive = _GramInterestsCore.apply(G, n.reshape(-1), rank, tol, dt)
+        z_raw, sigma, alive = _GramInterestsCore.apply(G, n.reshape(-1), rank, tol, dt, grad == "eigenvalues")
     else:
         idx = needed.reshape(-1).nonzero().squeeze(1)
-        z_n, sig_n, alive_n = _GramInterestsCore.apply(G[idx], n.reshape(-1)[idx], rank, tol, dt)
+        z_n, sig_n, alive_n = _GramInterestsCore.apply(G[idx], n.reshape(-1)[idx], rank, tol, dt,
+                                                           grad == "eigenvalues")
         z_raw, sigma, alive = _scatter_rows(B * P, idx, z_n, sig_n, alive_n)
     z_raw, sigma, alive = z_raw.view(B, P, rank, D), sigma.view(B, P, rank), alive.view(B, P, rank)
     z, mass = _signed_scaled(z_raw, alive, s.to(dt), n.to(dt), scale)

@@ -232,3 +232,36 @@ def test_exact_in_query_blocks_equals_one_block(monkeypatch):
     blocked = run()
     for a, b in zip(whole, blocked):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("prefix", ["cumulative", "recompute"])
+def test_interest_grad_changes_the_backward_only(prefix):
+    """interest_grad: the same output whatever it is; under "none" an event older than the window no longer
+    reaches a later position's gradient (it enters that position only through the interests), under "full" and
+    "eigenvalues" it does; the k/v projections still learn from the interests under "none"."""
+    lengths, N, D, h, r, w = [13, 10, 4], 13, 12, 3, 5, 5
+    gen = torch.Generator().manual_seed(7)
+    x, mask = _batch(lengths, N, D, gen)
+    m = _module(D, h, r, "exact", mass_bias=True)
+    rel = torch.randn(h, w + 1, generator=gen, dtype=torch.float64)
+    modes = ["full", "none"] + (["eigenvalues"] if prefix == "cumulative" else [])
+    outs, far_grads, kv_grads = {}, {}, {}
+    for mode in modes:
+        xx = x.clone().requires_grad_(True)
+        m.zero_grad()
+        y = causal_attention(m, xx, mask, w, rel, "svd", prefix, interest_grad=mode)
+        outs[mode] = y.detach()
+        y[0, 12].square().sum().backward()   # position 12 sees events 8..12 exactly, 0..4 through interests
+        far_grads[mode] = float(xx.grad[0, :5].abs().max())
+        kv_grads[mode] = float(m.k_proj.weight.grad.abs().sum())
+    for mode in modes[1:]:
+        torch.testing.assert_close(outs[mode], outs["full"], atol=0, rtol=0)
+    assert far_grads["none"] == 0.0 and far_grads["full"] > 1e-6
+    if "eigenvalues" in far_grads:
+        assert far_grads["eigenvalues"] > 1e-6
+    assert kv_grads["none"] > 0.0
+    with pytest.raises(ValueError, match="interest_grad"):
+        causal_attention(m, x, mask, w, rel, "svd", prefix, interest_grad="detach")
+    if prefix == "recompute":
+        with pytest.raises(ValueError, match="eigenvalues"):
+            causal_attention(m, x, mask, w, rel, "svd", prefix, interest_grad="eigenvalues")

@@ -117,3 +117,44 @@ def test_needed_factorises_only_the_chosen_prefixes():
     assert not none.alive.any() and torch.equal(none.z, torch.zeros_like(none.z))
     with pytest.raises(ValueError, match="needed must be a"):
         prefix_interests(h, mask, r, C, needed=needed[:, :-1])
+
+
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_eigenvalue_gradient_holds_the_basis_constant(case):
+    """grad="eigenvalues": the same interests; the gradient is that of z_i = sqrt(v_iᵀ G v_i) v_i with each
+    prefix's eigenvectors v_i taken as constants (autograd through a plain per-prefix eigh, reference twin),
+    and it differs from the full gradient (which also moves the basis)."""
+    from solar_dist.ops.interests import _signed_scaled
+
+    lengths, N, D, r, C, data_rank = CASES[case]
+    gen = torch.Generator().manual_seed(40 + case)
+    h, mask = _data(lengths, N, D, gen, data_rank)
+    h.requires_grad_(True)
+    it = prefix_interests(h, mask, r, C, grad="eigenvalues")
+    full = prefix_interests(h, mask, r, C)
+    torch.testing.assert_close(it.z, full.z, atol=0, rtol=0)
+    assert torch.equal(it.alive, full.alive)
+    P = it.z.shape[1]
+    gz = torch.randn(it.z.shape, generator=gen, dtype=torch.float64)
+    gm = torch.randn(it.mass.shape, generator=gen, dtype=torch.float64)
+    (g_fast,) = torch.autograd.grad((it.z * gz).sum() + (it.mass * gm).sum(), h)
+    (g_full,) = torch.autograd.grad((full.z * gz).sum() + (full.mass * gm).sum(), h)
+    hm = torch.where(mask[..., None], h, torch.zeros_like(h))
+    loss_ref = 0.0
+    for j in range(1, P + 1):
+        H = hm[:, : j * C]
+        G = H.mT @ H
+        V = torch.linalg.eigh(G.detach()).eigenvectors.flip(-1)[..., :r]        # constants
+        lam = torch.einsum("bdi,bde,bei->bi", V, G, V)                           # = λ_i, differentiable in G
+        alive = it.alive[:, j - 1]
+        z_raw = torch.where(alive[..., None], lam.clamp_min(0).sqrt()[..., None] * V.mT, torch.zeros((),
+                            dtype=h.dtype))
+        n = mask[:, : j * C].sum(1).to(h.dtype)
+        z, mass = _signed_scaled(z_raw, alive, H.sum(1), n, "sqrt_n")
+        torch.testing.assert_close(z, it.z[:, j - 1], atol=1e-10, rtol=1e-9)
+        loss_ref = loss_ref + (z * gz[:, j - 1]).sum() + (mass * gm[:, j - 1]).sum()
+    (g_ref,) = torch.autograd.grad(loss_ref, h)
+    torch.testing.assert_close(g_fast, g_ref, atol=1e-8, rtol=1e-6)
+    assert not torch.allclose(g_fast, g_full, atol=1e-6)
+    with pytest.raises(ValueError, match="grad"):
+        prefix_interests(h, mask, r, C, grad="detach")
