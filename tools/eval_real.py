@@ -17,6 +17,10 @@ loss weighting, recipe) unless --fresh starts the file anew. `recipe` names how 
 data set's config: `config` when it does not, else the `--set`/`--epochs`/`--max-steps` overrides that change a
 training setting (say `deepspeed.lr_decay=cosine train.epochs=30`), so a variant's rows sit beside the config's
 instead of replacing them. docs/results.md is generated from it, with the published numbers beside ours.
+
+Each record also breaks its test metrics down by the users' history length (`by_length`), at the edges
+`model.causal_window` and twice that: users whose history fits in one window never see an interest, so there
+SVD-Attention and exact attention run the same computation and any difference comes from the trained weights.
 """
 from __future__ import annotations
 
@@ -145,6 +149,7 @@ def run_one(dataset: str, model: str, rank: Optional[int], seed: int, args) -> D
         summary = trainer.fit()
         t_train = time.time() - t0
         test = trainer.evaluate(split="test", protocols=protocols, max_users=0)  # every test user
+        lengths = by_length(trainer, protocols, length_edges(cfg))
     finally:
         trainer.close()  # the process group stays up for the next run; main() shuts it down once at the end
     wall = time.time() - t0
@@ -159,7 +164,40 @@ def run_one(dataset: str, model: str, rank: Optional[int], seed: int, args) -> D
             "epochs_trained": 1 + max((h["epoch"] for h in summary["history"]), default=-1),
             "full_max_users": cfg.next_item.full_max_users, "config": spec["config"],
             "loss_weighting": cfg.next_item.loss_weighting,
-            "recipe": recipe}
+            "recipe": recipe, "by_length": lengths}
+
+
+def length_edges(cfg) -> List[int]:
+    """Upper edges (events of history, inclusive) of the per-length groups: one causal window, whose positions
+    never see an interest, then a second window; the last group is open."""
+    w = int(cfg.model.causal_window)
+    return [w, 2 * w]
+
+
+def _length_label(lo: int, hi: Optional[int]) -> str:
+    return f"{lo + 1}-{hi}" if hi is not None else f">{lo}"
+
+
+def by_length(trainer, protocols: Sequence[str], edges: Sequence[int]) -> List[Dict]:
+    """The test metrics of each group of users by history length (events before the test target): one entry
+    per group {history, lo, hi, users, <protocol>_<metric>...}; a group with no user has only `users: 0`.
+    The groups partition the test users, so their user-weighted mean is the whole split's metric."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = trainer.split_table("test")
+    n = pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False)
+    out, lo = [], 0
+    for hi in list(edges) + [None]:
+        rows = np.flatnonzero((n > lo) & (n <= hi) if hi is not None else n > lo)
+        entry = {"history": _length_label(lo, hi), "lo": lo, "hi": hi, "users": int(len(rows))}
+        if len(rows):
+            m = trainer.evaluate(table.take(pa.array(rows)), protocols=protocols, max_users=0)
+            entry.update({k: v for k, v in m.items() if not k.endswith("_seconds")})
+        out.append(entry)
+        lo = hi if hi is not None else lo
+    return out
 
 
 def _mean(xs: List[float]) -> float:
@@ -184,7 +222,21 @@ def records_for(dataset: str, model: str, rank: Optional[int], runs: List[Dict],
             "full_max_users": runs[0]["full_max_users"] if proto == "full" else None,
             "config": runs[0]["config"], "overrides": runs[0]["overrides"], "command": command,
             "loss_weighting": runs[0]["loss_weighting"], "recipe": runs[0].get("recipe", "config"),
+            "by_length": _by_length_record(runs, proto),
         })
+    return out
+
+
+def _by_length_record(runs: List[Dict], proto: str) -> Optional[List[Dict]]:
+    """One protocol's per-length groups, metrics averaged over the seeds (the groups are the same users)."""
+    if not all(r.get("by_length") for r in runs):
+        return None
+    out = []
+    for groups in zip(*(r["by_length"] for r in runs)):
+        g = {k: groups[0][k] for k in ("history", "lo", "hi", "users")}
+        if g["users"]:
+            g.update({m: _mean([x[f"{proto}_{m}"] for x in groups]) for m in ("hr@10", "ndcg@10", "mrr")})
+        out.append(g)
     return out
 
 
@@ -280,6 +332,20 @@ def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, floa
                     lines.append(f"| most-popular (reference) | — | — | — | {proto} | {_f(p[f'{proto}_hr@10'])} | "
                                  f"{_f(p[f'{proto}_ndcg@10'])} | {_f(p[f'{proto}_mrr'])} | — | — | — | "
                                  f"{int(p[f'{proto}_count'])} | — |")
+        split = [r for r in recs if r.get("by_length")]
+        if split:
+            lines += ["", "By history length (test users grouped by the events in their history; in the first "
+                      "group, at most one `causal_window`, no position sees an interest, so SVD and exact run "
+                      "the same computation there; mean over the record's seeds):", "",
+                      "| model | rank | weighting | recipe | protocol | history | users | HR@10 | NDCG@10 |",
+                      "|---|---:|---|---|---|---|---:|---:|---:|"]
+            for r in sorted(split, key=lambda r: (r["protocol"], _weighting(r), _recipe(r) != "config", _recipe(r),
+                                                  r["model"], r["rank"] or 0)):
+                for g in r["by_length"]:
+                    if g["users"]:
+                        lines.append(f"| {r['model']} | {r['rank'] or '—'} | {_weighting(r)} | {_recipe(r)} | "
+                                     f"{r['protocol']} | {g['history']} | {g['users']} | {_f(g['hr@10'])} | "
+                                     f"{_f(g['ndcg@10'])} |")
         pubs = [(proto, row) for (d, proto), rows in PUBLISHED.items() if d == ds for row in rows]
         if pubs:
             lines += ["", "Published (shared/data/README.md):", "", "| source | protocol | HR@10 | NDCG@10 | status |",

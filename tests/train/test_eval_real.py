@@ -41,7 +41,18 @@ def test_bench_quality_smoke(tmp_path):
         # the departures from the config, sorted; where data and runs live is none
         assert r["recipe"] == ("data.batch_size=8 next_item.eval_max_users=16 train.max_steps=2 "
                                "train.select_metric=sampled100_ndcg@10"), r["recipe"]
+        # the per-length groups partition the test users: their user-weighted mean is the split's metric
+        window = load_config(REPO / "configs" / "ml_latest_small.yaml").model.causal_window
+        groups = r["by_length"]
+        assert [g["hi"] for g in groups] == [window, 2 * window, None]
+        assert sum(g["users"] for g in groups) == r["users"]
+        live = [g for g in groups if g["users"]]
+        assert len(live) >= 2  # ml-latest-small's histories run from 18 to 2,697 events
+        for m in ("hr@10", "ndcg@10", "mrr"):
+            whole = sum(g["users"] * g[m] for g in live) / r["users"]
+            assert abs(whole - r[m]) < 1e-6, (m, whole, r[m])
     md = out.with_suffix(".md").read_text()
+    assert "By history length" in md and f"| {window + 1}-{2 * window} |" in md, md
     assert "ml_latest_small" in md and re.search(r"\| 1 of \d+ \(best 0\) \| 2 \|", md), md
     assert f"| svd | 4 | {weighting} | {recs[0]['recipe']} | sampled100 |" in md, md
     assert f"sampled100, {weighting} weighting, {recs[0]['recipe']}: SVD (r=4)" in md, md
