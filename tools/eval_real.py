@@ -3,6 +3,7 @@
     solar bench quality [--datasets ml1m,games,ml_latest_small] [--models svd,exact,truncate] [--ranks 8,16,32]
                         [--epochs N] [--max-steps N] [--seeds 0,1,2] [--protocols sampled100,full]
                         [--full-max-users N] [--set key=value ...] [--out docs/results.json] [--fresh]
+                        [--add-seeds]
     python tools/eval_real.py --report-only        # re-render docs/results.md from docs/results.json
 
 Every model of a data set runs with the same config (configs/<dataset>.yaml), the same epochs/steps, seeds and
@@ -13,7 +14,8 @@ events). Missing data sets are converted from ../shared/data first.
 
 docs/results.json is a list of records {dataset, model, rank, protocol, hr@10, ndcg@10, mrr, seeds,
 wall_seconds, recipe, ...}; a run replaces earlier records with the same (dataset, model, rank, protocol,
-loss weighting, recipe) unless --fresh starts the file anew. `recipe` names how the training departs from the
+loss weighting, recipe) unless --fresh starts the file anew, or, with --add-seeds, joins it: the seeds of both
+(disjoint) are averaged together, so `--seeds 1,2 --add-seeds` extends a seed-0 record. `recipe` names how the training departs from the
 data set's config: `config` when it does not, else the `--set`/`--epochs`/`--max-steps` overrides that change a
 training setting (say `deepspeed.lr_decay=cosine train.epochs=30`), so a variant's rows sit beside the config's
 instead of replacing them. docs/results.md is generated from it, with the published numbers beside ours.
@@ -283,12 +285,46 @@ def _record_key(r: Dict) -> tuple:
     return r["dataset"], r["model"], r["rank"], r["protocol"], _weighting(r), _recipe(r)
 
 
-def merge_records(records: List[Dict], new: List[Dict]) -> List[Dict]:
+def merge_records(records: List[Dict], new: List[Dict], add_seeds: bool = False) -> List[Dict]:
     """`records` with `new` added: a new record replaces the one of the same data set, model, rank, protocol,
     loss weighting and recipe; records of another weighting or recipe stay, so a report keeps the before and
-    after, and a variant beside the config's own runs."""
+    after, and a variant beside the config's own runs. `add_seeds`: a new record joins the old one of its key
+    instead (join_seeds)."""
+    if add_seeds:
+        old = {_record_key(r): r for r in records}
+        new = [join_seeds(old[_record_key(r)], r) if _record_key(r) in old else r for r in new]
     keys = {_record_key(r) for r in new}
     return [r for r in records if _record_key(r) not in keys] + list(new)
+
+
+def join_seeds(a: Dict, b: Dict) -> Dict:
+    """One record of the runs of both `a` and `b` (same key, disjoint seeds): metrics averaged over all their
+    seeds, per-seed lists and walls joined; the per-length groups only where both have them."""
+    clash = sorted(set(a["seeds"]) & set(b["seeds"]))
+    if clash:
+        raise ValueError(f"{_record_key(a)}: seeds {clash} are in both records; rerun without --add-seeds to "
+                         f"replace them")
+    na, nb = len(a["seeds"]), len(b["seeds"])
+    out = dict(a)
+    out["seeds"] = list(a["seeds"]) + list(b["seeds"])
+    for m in ("hr@10", "ndcg@10", "mrr"):
+        out[m] = (na * a[m] + nb * b[m]) / (na + nb)
+    out["wall_seconds"] = a["wall_seconds"] + b["wall_seconds"]
+    if "per_seed" in a and "per_seed" in b:
+        out["per_seed"] = {m: list(a["per_seed"][m]) + list(b["per_seed"][m]) for m in a["per_seed"]}
+    else:
+        out.pop("per_seed", None)
+    for k in ("selected_epochs", "epochs_trained", "stopped_by_time_budget"):
+        if k in a or k in b:
+            out[k] = list(a.get(k) or [None] * na) + list(b.get(k) or [None] * nb)
+    out["command"] = " ; ".join(c for c in (a.get("command"), b.get("command")) if c)
+    ga, gb = a.get("by_length"), b.get("by_length")
+    if ga and gb and [g["hi"] for g in ga] == [g["hi"] for g in gb]:
+        out["by_length"] = [dict(x, **{m: (na * x[m] + nb * y[m]) / (na + nb) for m in ("hr@10", "ndcg@10", "mrr")
+                                       if m in x and m in y}) for x, y in zip(ga, gb)]
+    else:
+        out["by_length"] = None
+    return out
 
 
 def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, float]]] = None) -> str:
@@ -428,6 +464,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--runs", default="runs/eval_real")
     p.add_argument("--out", default="docs/results.json")
     p.add_argument("--fresh", action="store_true", help="start results.json anew instead of merging")
+    p.add_argument("--add-seeds", action="store_true",
+                   help="join each new record with the existing one of its key (other seeds) instead of replacing it")
     p.add_argument("--report-only", action="store_true", help="only re-render results.md from results.json")
     args = p.parse_args(list(argv) if argv is not None else None)
     args.protocols = [x for x in args.protocols.split(",") if x]
@@ -458,7 +496,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for rank in ranks:
                 runs = [run_one(ds, model, rank, s, args) for s in seeds]
                 new = records_for(ds, model, rank, runs, seeds, command)
-                records = merge_records(records, new)
+                records = merge_records(records, new, add_seeds=args.add_seeds)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(records, indent=2))
                 write_report(out, records)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from solar_dist.config import load_config
 from tests.conftest import shared_data
 from tests.parallel.launch_utils import launch_env
@@ -80,6 +82,37 @@ def test_merge_keeps_the_other_weightings_records():
     # SVD is checked against exact only within one weighting: there is no exact run under `position`
     assert "sampled100, batch_mean weighting: SVD (r=16) vs exact" in md
     assert "position weighting: SVD (r=16) vs exact" not in md
+
+
+def test_add_seeds_joins_a_record_with_its_other_seeds():
+    sys.path.insert(0, str(REPO))
+    from tools.eval_real import merge_records
+
+    def rec(seeds, ndcgs, recipe="config", groups=(0.5, 0.6)):
+        return {"dataset": "games", "model": "svd", "rank": 16, "protocol": "sampled100", "recipe": recipe,
+                "loss_weighting": "position", "hr@10": 0.7, "ndcg@10": sum(ndcgs) / len(ndcgs), "mrr": 0.4,
+                "seeds": seeds, "wall_seconds": 10.0 * len(seeds),
+                "per_seed": {"hr@10": [0.7] * len(seeds), "ndcg@10": list(ndcgs), "mrr": [0.4] * len(seeds)},
+                "selected_epochs": [4] * len(seeds), "command": f"seeds {seeds}",
+                "by_length": [{"history": "1-16", "lo": 0, "hi": 16, "users": 3, "hr@10": 0.7, "ndcg@10": groups[0],
+                               "mrr": 0.4},
+                              {"history": ">16", "lo": 16, "hi": None, "users": 1, "hr@10": 0.7,
+                               "ndcg@10": groups[1], "mrr": 0.4}]}
+
+    other = rec([0], [0.9], recipe="model.causal_window=32")
+    old = [rec([0], [0.50], groups=(0.4, 0.8)), other]
+    merged = merge_records(old, [rec([1, 2], [0.53, 0.56])], add_seeds=True)
+    assert merged[0] is other  # another recipe's record is untouched
+    j = merged[1]
+    assert j["seeds"] == [0, 1, 2] and j["per_seed"]["ndcg@10"] == [0.50, 0.53, 0.56]
+    assert abs(j["ndcg@10"] - 0.53) < 1e-12 and j["wall_seconds"] == 30.0 and j["selected_epochs"] == [4, 4, 4]
+    assert [round(g["ndcg@10"], 12) for g in j["by_length"]] == [round((0.4 + 2 * 0.5) / 3, 12),
+                                                                  round((0.8 + 2 * 0.6) / 3, 12)]
+    assert merge_records(old, [rec([1, 2], [0.53, 0.56])])[1]["seeds"] == [1, 2]  # without: it replaces
+    with pytest.raises(ValueError, match=r"seeds \[0\] are in both"):
+        merge_records(old, [rec([0, 1], [0.5, 0.5])], add_seeds=True)
+    no_groups = dict(rec([3], [0.5]), by_length=None)
+    assert merge_records(old, [no_groups], add_seeds=True)[1]["by_length"] is None
 
 
 def test_a_recipe_variant_sits_beside_the_config_runs():
