@@ -410,19 +410,19 @@ def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, floa
                 svd = [r for r in same if r["model"] == "svd"]
                 ex = [r for r in same if r["model"] == "exact"]
                 tr = [r for r in same if r["model"] == "truncate"]
-                if svd and tr:
-                    b = max(svd, key=lambda r: r["ndcg@10"])
-                    wins = "SVD wins" if b["ndcg@10"] > tr[0]["ndcg@10"] else "SVD does NOT win"
-                    checks.append(f"- {where}: SVD (r={b['rank']}) NDCG@10 "
-                                  f"{b['ndcg@10']:.4f} vs last-50 truncation {tr[0]['ndcg@10']:.4f} — {wins}"
-                                  f"{_seeds_note(b, tr[0])}")
-                if svd and ex:
-                    b = max(svd, key=lambda r: r["ndcg@10"])
-                    rel = (b["ndcg@10"] - ex[0]["ndcg@10"]) / max(ex[0]["ndcg@10"], 1e-12)
-                    verdict = ("at most 1% below exact: met" if rel >= -0.01
-                               else "more than 1% below exact: NOT met")
-                    checks.append(f"- {where}: SVD (r={b['rank']}) vs exact NDCG@10: "
-                                  f"{rel * 100:+.2f}% relative — {verdict}{_seeds_note(b, ex[0])}")
+                # every rank on its own: picking the best rank on the test split would be a selection on test
+                for b in sorted(svd, key=lambda r: r["rank"] or 0):
+                    if tr:
+                        wins = "SVD wins" if b["ndcg@10"] > tr[0]["ndcg@10"] else "SVD does NOT win"
+                        checks.append(f"- {where}: SVD (r={b['rank']}) NDCG@10 "
+                                      f"{b['ndcg@10']:.4f} vs last-50 truncation {tr[0]['ndcg@10']:.4f} — {wins}"
+                                      f"{_seeds_note(b, tr[0])}")
+                    if ex:
+                        rel = (b["ndcg@10"] - ex[0]["ndcg@10"]) / max(ex[0]["ndcg@10"], 1e-12)
+                        verdict = ("at most 1% below exact: met" if rel >= -0.01
+                                   else "more than 1% below exact: NOT met")
+                        checks.append(f"- {where}: SVD (r={b['rank']}) vs exact NDCG@10: "
+                                      f"{rel * 100:+.2f}% relative — {verdict}{_seeds_note(b, ex[0])}")
         if popularity and ds in popularity:
             for proto in sorted({r["protocol"] for r in recs}):
                 ref = popularity[ds].get(f"{proto}_ndcg@10")

@@ -82,6 +82,10 @@ def test_merge_keeps_the_other_weightings_records():
     # SVD is checked against exact only within one weighting: there is no exact run under `position`
     assert "sampled100, batch_mean weighting: SVD (r=16) vs exact" in md
     assert "position weighting: SVD (r=16) vs exact" not in md
+    # each rank is checked on its own, not the rank that did best on the test split
+    md = render_md(merged + [rec(None, 0.49, rank=8)])
+    assert "batch_mean weighting: SVD (r=8) vs exact NDCG@10: +4.26%" in md
+    assert "batch_mean weighting: SVD (r=16) vs exact NDCG@10: +2.13%" in md
 
 
 def test_add_seeds_joins_a_record_with_its_other_seeds():
