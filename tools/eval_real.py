@@ -182,23 +182,29 @@ def _length_label(lo: int, hi: Optional[int]) -> str:
 
 def by_length(trainer, protocols: Sequence[str], edges: Sequence[int]) -> List[Dict]:
     """The test metrics of each group of users by history length (events before the test target): one entry
-    per group {history, lo, hi, users, <protocol>_<metric>...}; a group with no user has only `users: 0`.
-    The groups partition the test users, so their user-weighted mean is the whole split's metric."""
+    per group {history, lo, hi, <protocol>_count, <protocol>_<metric>...}. Each protocol groups the users it
+    ranked on the whole split (full ranking: the fixed `next_item.full_max_users` subset, when set), so the
+    groups partition them and their user-weighted mean is the split's metric."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = trainer.split_table("test")
-    n = pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False)
-    out, lo = [], 0
-    for hi in list(edges) + [None]:
-        rows = np.flatnonzero((n > lo) & (n <= hi) if hi is not None else n > lo)
-        entry = {"history": _length_label(lo, hi), "lo": lo, "hi": hi, "users": int(len(rows))}
-        if len(rows):
-            m = trainer.evaluate(table.take(pa.array(rows)), protocols=protocols, max_users=0)
-            entry.update({k: v for k, v in m.items() if not k.endswith("_seconds")})
-        out.append(entry)
-        lo = hi if hi is not None else lo
+    from solar_dist.train.next_item import _subset
+
+    full_max = trainer.cfg.next_item.full_max_users
+    out = [{"history": _length_label(lo, hi), "lo": lo, "hi": hi}
+           for lo, hi in zip([0] + list(edges), list(edges) + [None])]
+    for proto in protocols:
+        table = trainer.split_table("test")
+        if proto == "full":
+            table = _subset(table, full_max)  # the same users as the whole split's full ranking
+        n = pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False)
+        for g in out:
+            rows = np.flatnonzero((n > g["lo"]) & (n <= g["hi"]) if g["hi"] is not None else n > g["lo"])
+            g[f"{proto}_count"] = int(len(rows))
+            if len(rows):  # a group is a subset of the ranked users: evaluate ranks all of it
+                m = trainer.evaluate(table.take(pa.array(rows)), protocols=[proto], max_users=0)
+                g.update({k: v for k, v in m.items() if not k.endswith(("_seconds", "_count"))})
     return out
 
 
@@ -235,7 +241,8 @@ def _by_length_record(runs: List[Dict], proto: str) -> Optional[List[Dict]]:
         return None
     out = []
     for groups in zip(*(r["by_length"] for r in runs)):
-        g = {k: groups[0][k] for k in ("history", "lo", "hi", "users")}
+        g = {k: groups[0][k] for k in ("history", "lo", "hi")}
+        g["users"] = groups[0][f"{proto}_count"]
         if g["users"]:
             g.update({m: _mean([x[f"{proto}_{m}"] for x in groups]) for m in ("hr@10", "ndcg@10", "mrr")})
         out.append(g)

@@ -23,7 +23,8 @@ def test_bench_quality_smoke(tmp_path):
     stale.mkdir(parents=True)
     (stale / "COMPLETE").touch()
     cmd = [sys.executable, "-m", "solar_dist.cli", "bench", "quality", "--datasets", "ml_latest_small",
-           "--models", "svd,truncate", "--ranks", "4", "--max-steps", "2", "--protocols", "sampled100",
+           "--models", "svd,truncate", "--ranks", "4", "--max-steps", "2", "--protocols", "sampled100,full",
+           "--full-max-users", "60",
            "--set", f"data.path={tmp_path / 'mls'}", "--set", "next_item.eval_max_users=16",
            "--set", "data.batch_size=8", "--set", "train.select_metric=sampled100_ndcg@10",
            "--runs", str(runs), "--out", str(out)]
@@ -33,17 +34,19 @@ def test_bench_quality_smoke(tmp_path):
     recs = json.loads(out.read_text())
     weighting = load_config(REPO / "configs" / "ml_latest_small.yaml").next_item.loss_weighting  # the config's
     assert {(r["dataset"], r["model"], r["rank"], r["protocol"]) for r in recs} == {
-        ("ml_latest_small", "svd", 4, "sampled100"), ("ml_latest_small", "truncate", None, "sampled100")}
+        ("ml_latest_small", m, k, p) for m, k in (("svd", 4), ("truncate", None)) for p in ("sampled100", "full")}
     for r in recs:
         assert {"hr@10", "ndcg@10", "mrr", "seeds", "wall_seconds"} <= set(r)
         assert 0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 and r["seeds"] == [0] and r["steps"] == 2
-        assert r["users"] == 610  # every test user of ml-latest-small
+        # every test user of ml-latest-small; full ranking on the fixed subset of --full-max-users
+        assert r["users"] == (610 if r["protocol"] == "sampled100" else 60)
         assert r["selected_epochs"] == [0]  # the one (stopped) epoch's evaluation was the validation best
         assert r["loss_weighting"] == weighting  # recorded, so that reports compare like with like
         # the departures from the config, sorted; where data and runs live is none
         assert r["recipe"] == ("data.batch_size=8 next_item.eval_max_users=16 train.max_steps=2 "
                                "train.select_metric=sampled100_ndcg@10"), r["recipe"]
-        # the per-length groups partition the test users: their user-weighted mean is the split's metric
+        # the per-length groups partition the ranked users (for full ranking, the same subset): their user-weighted
+        # mean is the split's metric
         window = load_config(REPO / "configs" / "ml_latest_small.yaml").model.causal_window
         groups = r["by_length"]
         assert [g["hi"] for g in groups] == [window, 2 * window, None]
