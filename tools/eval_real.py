@@ -292,6 +292,11 @@ def _record_key(r: Dict) -> tuple:
     return r["dataset"], r["model"], r["rank"], r["protocol"], _weighting(r), _recipe(r)
 
 
+def _row_order(r: Dict) -> tuple:
+    """Report order: protocol, weighting, the config's recipe before variants, model, rank."""
+    return r["protocol"], _weighting(r), _recipe(r) != "config", _recipe(r), r["model"], r["rank"] or 0
+
+
 def merge_records(records: List[Dict], new: List[Dict], add_seeds: bool = False) -> List[Dict]:
     """`records` with `new` added: a new record replaces the one of the same data set, model, rank, protocol,
     loss weighting and recipe; records of another weighting or recipe stay, so a report keeps the before and
@@ -362,8 +367,7 @@ def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, floa
             continue
         lines += [f"## {ds}", "", "| model | rank | weighting | recipe | protocol | HR@10 | NDCG@10 | MRR | seeds | "
                   "epochs | steps | users | wall (s) |", "|---|---:|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
-        for r in sorted(recs, key=lambda r: (r["protocol"], _weighting(r), _recipe(r) != "config", _recipe(r),
-                                             r["model"], r["rank"] or 0)):
+        for r in sorted(recs, key=_row_order):
             users = int(r.get("users") or 0)
             lines.append(f"| {r['model']} | {r['rank'] or '—'} | {_weighting(r)} | {_recipe(r)} | {r['protocol']} | "
                          f"{_f(r['hr@10'])} | {_f(r['ndcg@10'])} | {_f(r['mrr'])} | {','.join(map(str, r['seeds']))} | "
@@ -382,8 +386,7 @@ def render_md(records: List[Dict], popularity: Optional[Dict[str, Dict[str, floa
                       "the same computation there; mean over the record's seeds):", "",
                       "| model | rank | weighting | recipe | protocol | history | users | HR@10 | NDCG@10 |",
                       "|---|---:|---|---|---|---|---:|---:|---:|"]
-            for r in sorted(split, key=lambda r: (r["protocol"], _weighting(r), _recipe(r) != "config", _recipe(r),
-                                                  r["model"], r["rank"] or 0)):
+            for r in sorted(split, key=_row_order):
                 for g in r["by_length"]:
                     if g["users"]:
                         lines.append(f"| {r['model']} | {r['rank'] or '—'} | {_weighting(r)} | {_recipe(r)} | "
