@@ -6,9 +6,6 @@ CONFIG ?= configs/quickstart.yaml
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 export PYTHONUNBUFFERED := 1
 export RAY_USAGE_STATS_ENABLED := 0
-# DeepSpeed JIT-builds its CPU all-reduce op (~45 s) into torch's extension cache; one cache per venv, so another
-# checkout's venv (whose sources live elsewhere) does not force a rebuild of this one's and back
-export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: env train test test-slow bench clean
 

@@ -15,8 +15,6 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/deepspeed" ] || bash tools/setup_env.sh
 export DS_ACCELERATOR=cpu
 export PYTHONUNBUFFERED=1
-# one torch extension cache per venv (DeepSpeed JIT-builds its CPU all-reduce op there once, ~45 s)
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(cd "$VENV" && pwd)/torch_extensions}
 # each rank gets its share of the cores (torch would otherwise start one thread per core in every rank)
 CORES=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}

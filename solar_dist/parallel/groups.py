@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -59,8 +60,23 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def default_extension_cache() -> Optional[str]:
+    """Points torch's JIT extension cache at this venv (``$VENV/torch_extensions``) unless one is set.
+
+    DeepSpeed JIT-builds its CPU all-reduce op (~45 s) when it initialises. In the shared
+    ``~/.cache/torch_extensions`` a second checkout's venv (other sources, other flags) forces a rebuild, and
+    the first one's next launch rebuilds it back. Outside a venv, or where the venv is not writable, torch's
+    default stays. Returns the directory in use, or None for torch's default.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix \
+            and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
+
+
 def init_distributed(sp: int = 1, backend: str = "auto", device: str = "auto") -> Layout:
     """Initialises torch.distributed (if not already) and builds the dp and sp groups."""
+    default_extension_cache()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
