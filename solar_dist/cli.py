@@ -121,7 +121,7 @@ def _tool_main(module: str, argv: Sequence[str]) -> int:
 
 
 BENCHES = {"attention": "bench_attention", "causal": "bench_causal", "train": "bench_train", "data": "bench_data",
-           "quality": "eval_real"}
+           "quality": "eval_real", "paired": "paired_eval"}
 
 
 def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:

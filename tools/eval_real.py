@@ -90,7 +90,7 @@ def _ensure_data(name: str, path: str) -> None:
 #: overrides that do not change what is trained: where data and runs live, logging, the safety stop (its effect is
 #: recorded as `stopped_by_time_budget`) and the full-ranking user subset (shown as `users`)
 NOT_RECIPE = ("data.path", "train.run_dir", "train.max_minutes", "train.progress", "train.log_every",
-              "next_item.full_max_users")
+              "train.checkpoint_every", "train.keep_checkpoints", "next_item.full_max_users")
 
 
 def recipe_of(config: str | Path, overrides: Sequence[str]) -> str:

@@ -409,39 +409,56 @@ class NextItemTrainer(Trainer):
         out: Dict[str, float] = {}
         for proto in (protocols or ni.eval_protocols):
             t0 = time.time()
-            if proto == "sampled100":
-                sums = self._eval_sampled(table, max_batches)
-            elif proto == "full":
-                sums = self._eval_full(_subset(table, ni.full_max_users), max_batches)
-            else:
-                raise ValueError(f"unknown protocol {proto!r}")
+            sums = torch.zeros(4, dtype=torch.float64)
+            for _, ranks in self._ranks(table, proto, max_batches):
+                sums += metric_sums(ranks, ni.topk)
             m = sums_to_metrics(self._global(*sums), ni.topk)
             out.update({f"{proto}_{k}": v for k, v in m.items()})
             out[f"{proto}_seconds"] = time.time() - t0
         return out
 
-    def _eval_sampled(self, table: pa.Table, max_batches: Optional[int]) -> torch.Tensor:
+    @torch.no_grad()
+    def user_ranks(self, table: pa.Table, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+        """(user ids, target ranks) of this rank's rows of `table` under `protocol`: the per-user numbers that
+        `evaluate` sums, for paired comparisons of two models on the same users (tools/paired_eval.py). A rank
+        is the number of other candidates scoring >= the target."""
+        self.engine.eval()
+        self.dmp.eval()
+        uids, ranks = [], []
+        for u, r in self._ranks(table, protocol, None):
+            uids.append(np.asarray(u, dtype=np.int64))
+            ranks.append(r.numpy())
+        if not uids:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(uids), np.concatenate(ranks)
+
+    def _ranks(self, table: pa.Table, protocol: str, max_batches: Optional[int]):
+        """Yields (user ids, target ranks) per batch of this rank's rows."""
+        if protocol == "sampled100":
+            return self._ranks_sampled(table, max_batches)
+        if protocol == "full":
+            return self._ranks_full(_subset(table, self.cfg.next_item.full_max_users), max_batches)
+        raise ValueError(f"unknown protocol {protocol!r}")
+
+    def _ranks_sampled(self, table: pa.Table, max_batches: Optional[int]):
         cfg, L, ni = self.cfg, self.layout, self.cfg.next_item
         ncand = pc.list_value_length(table.column("cand_item_ids")).to_numpy(zero_copy_only=False)
         if len(ncand) and int(ncand.max()) != ni.eval_negatives + 1:
             raise ValueError(f"the split's rows hold up to {int(ncand.max())} candidates but next_item.eval_negatives="
                              f"{ni.eval_negatives}; re-run `solar data convert ... --eval-negatives "
                              f"{ni.eval_negatives}` or set next_item.eval_negatives={int(ncand.max()) - 1}")
-        sums = torch.zeros(4, dtype=torch.float64)
         loader = eval_loader(table, cfg.data.eval_batch_size, L.dp_rank, L.dp, cfg.data.max_hist_len, 0)
         for i, batch in enumerate(loader.epoch(0)):
             if max_batches and i >= max_batches:
                 break
             logits = self.score(batch.to(L.device)).cpu()
-            sums += metric_sums(jagged_target_ranks(logits, batch.labels, batch.cand_lengths), ni.topk)
-        return sums
+            yield batch.user_ids.cpu(), jagged_target_ranks(logits, batch.labels, batch.cand_lengths)
 
-    def _eval_full(self, table: pa.Table, max_batches: Optional[int]) -> torch.Tensor:
+    def _ranks_full(self, table: pa.Table, max_batches: Optional[int]):
         cfg, L, ni = self.cfg, self.layout, self.cfg.next_item
         I = self.meta.num_items
         bu = max(1, min(cfg.data.eval_batch_size, ni.eval_chunk_pairs))
         chunk = max(1, ni.eval_chunk_pairs // bu)
-        sums = torch.zeros(4, dtype=torch.float64)
         items = self._item_embeddings() if self.head == "states" else None
         # this rank's rows (same split as eval_loader), in length-sorted order to cut padding
         plan = BatchPlan(pc.list_value_length(table.column("hist_item_ids")).to_numpy(zero_copy_only=False), bu,
@@ -476,8 +493,7 @@ class NextItemTrainer(Trainer):
             hl = np.diff(hist.offsets.to_numpy())
             hv = hist.values.to_numpy(zero_copy_only=False)[hist.offsets.to_numpy()[0]: hist.offsets.to_numpy()[-1]]
             exclude[torch.from_numpy(np.repeat(np.arange(B), hl)), torch.from_numpy(hv.astype(np.int64))] = True
-            sums += metric_sums(dense_target_ranks(scores, target, exclude), ni.topk)
-        return sums
+            yield sub.column("user_id").to_numpy(), dense_target_ranks(scores, target, exclude)
 
 
 def popularity_metrics(root: str | Path, split: str = "test", protocols: Sequence[str] = ("sampled100", "full"),
