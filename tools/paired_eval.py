@@ -128,7 +128,7 @@ def compare(base: Dict, other: Dict, splits: Sequence[str], protocols: Sequence[
             ma = per_user_metrics(np.array([ra[u] for u in uids]), k)
             mb = per_user_metrics(np.array([rb[u] for u in uids]), k)
             groups = [("all", np.ones(len(uids), dtype=bool))]
-            for lo, hi in zip([0] + list(edges), list(edges) + [None]):
+            for lo, hi in (zip([0] + list(edges), list(edges) + [None]) if edges else ()):
                 label = f"{lo + 1}-{hi}" if hi is not None else f">{lo}"
                 groups.append((label, (n > lo) & (n <= hi) if hi is not None else n > lo))
             for label, m in groups:

@@ -18,7 +18,7 @@ from solar_dist.train.next_item import make_trainer
 from solar_dist.train.ranking import metric_sums
 from tests.parallel.launch_utils import launch_env
 from tests.train.test_next_item import ALL_POS, NEXT_ITEM_TINY, _tiny_next_item_data
-from tools.paired_eval import paired_stats, per_user_metrics, resolve_checkpoint
+from tools.paired_eval import compare, paired_stats, per_user_metrics, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,6 +63,19 @@ def test_user_ranks_are_what_evaluate_averages(tmp_path, mode):
             tr.user_ranks(tr.split_table("valid"), "sampled50")
     finally:
         tr.close()
+
+
+def test_compare_groups_by_history_length_and_checks_users():
+    base = {"topk": 10, "test": {"lengths": {1: 3, 2: 5, 3: 9}, "sampled100": {1: 0, 2: 4, 3: 20}}}
+    other = {"topk": 10, "test": {"sampled100": {1: 1, 2: 4, 3: 0}}}
+    rows = {(r["history"], r["metric"]): r for r in compare(base, other, ["test"], ["sampled100"], [5])}
+    assert set(h for h, _ in rows) == {"all", "1-5", ">5"}
+    assert rows[("1-5", "mrr")]["n"] == 2 and math.isclose(rows[("1-5", "mrr")]["diff"], (0.5 - 1.0) / 2)
+    assert rows[(">5", "hr@10")]["diff"] == 1.0 and rows[("all", "hr@10")]["b"] == 1.0
+    assert {r["history"] for r in compare(base, other, ["test"], ["sampled100"], [])} == {"all"}
+    other["test"]["sampled100"].pop(3)
+    with pytest.raises(ValueError, match="different users"):
+        compare(base, other, ["test"], ["sampled100"], [5])
 
 
 def test_resolve_checkpoint_names_what_is_missing(tmp_path):
