@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -34,10 +35,10 @@ METRICS = ("hr@10", "ndcg@10", "mrr")
 
 
 def per_user_metrics(ranks: np.ndarray, k: int = 10) -> Dict[str, np.ndarray]:
-    """HR@k, NDCG@k and reciprocal rank of each user from its target's rank (0 = first), as metric_sums."""
-    r = np.asarray(ranks, dtype=np.float64)
-    hit = (r < k).astype(np.float64)
-    return {f"hr@{k}": hit, f"ndcg@{k}": hit / np.log2(r + 2.0), "mrr": 1.0 / (r + 1.0)}
+    """HR@k, NDCG@k and reciprocal rank of each user from its target's rank: the values evaluate sums."""
+    from solar_dist.train.ranking import per_request_metrics
+
+    return {name: v.numpy() for name, v in per_request_metrics(torch.as_tensor(np.asarray(ranks)), k).items()}
 
 
 def paired_stats(a: np.ndarray, b: np.ndarray) -> Dict[str, float]:

@@ -23,12 +23,18 @@ def rank_metrics(ranks: np.ndarray | torch.Tensor, k: int = 10) -> Dict[str, flo
             "mrr": float((1.0 / (r + 1.0)).mean()), "count": float(r.numel())}
 
 
-def metric_sums(ranks: torch.Tensor, k: int) -> torch.Tensor:
-    """(hit sum, ndcg sum, rr sum, count) for summing over batches and ranks."""
+def per_request_metrics(ranks: torch.Tensor, k: int) -> Dict[str, torch.Tensor]:
+    """HR@k, NDCG@k and reciprocal rank of each request from its target's rank (0 = first), float64."""
     r = ranks.double()
     hit = (r < k).double()
-    return torch.stack([hit.sum(), (hit / torch.log2(r + 2.0)).sum(), (1.0 / (r + 1.0)).sum(),
-                        torch.tensor(float(r.numel()), dtype=torch.float64)])
+    return {f"hr@{k}": hit, f"ndcg@{k}": hit / torch.log2(r + 2.0), "mrr": 1.0 / (r + 1.0)}
+
+
+def metric_sums(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """(hit sum, ndcg sum, rr sum, count) for summing over batches and ranks."""
+    m = per_request_metrics(ranks, k)
+    return torch.stack([m[f"hr@{k}"].sum(), m[f"ndcg@{k}"].sum(), m["mrr"].sum(),
+                        torch.tensor(float(ranks.numel()), dtype=torch.float64)])
 
 
 def sums_to_metrics(s: Sequence[float], k: int) -> Dict[str, float]:
