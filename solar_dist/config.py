@@ -123,6 +123,12 @@ class ModelConfig:
     # full | eigenvalues (the Gram eigenvectors held constant; needs causal_prefix=cumulative) | none (the
     # interests are constants to the loss; the k/v projections still learn from them). The forward is the same.
     interest_grad: str = "full"
+    # causal SVD-Attention: the exact tokens beside the interests (ops/causal.WINDOW_MODES). sliding: the last
+    # causal_window events [t-C+1, t], with the interests of the prefix before t's chunk, which the window overlaps
+    # (events of the previous chunk count twice); chunks: every event of the previous and the current chunk up to
+    # t (C..2C-1 of them; offsets >= C get exact's far bias), with the interests of the events before the previous
+    # chunk: each event counted once, the same cost, and equal to exact attention on histories of <= 2C events.
+    causal_window_mode: str = "sliding"
 
 
 @dataclass
@@ -296,6 +302,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "next_item.loss_weighting": ("position", "user", "batch_mean"),
     "model.causal_prefix": ("cumulative", "recompute"),
     "model.interest_grad": ("full", "eigenvalues", "none"),
+    "model.causal_window_mode": ("sliding", "chunks"),
     "tune.mode": ("max", "min"),
     "data.loader": ("pyarrow", "ray"),
     "embedding.optimizer": ("rowwise_adagrad", "adagrad", "adam", "sgd"),

@@ -91,6 +91,7 @@ def test_every_shipped_config_loads(path):
     (["model.causal_prefix=gram"], "causal_prefix"),
     (["model.causal_prefix=recompute", "model.interest_grad=eigenvalues"], "interest_grad=eigenvalues"),
     (["model.interest_grad=detach"], "model.interest_grad"),
+    (["model.causal_window_mode=overlap"], "model.causal_window_mode"),
 ])
 def test_all_positions_rejects_what_it_cannot_run(override, needle):
     base = ["data.task=next_item", "next_item.train_mode=all_positions"]

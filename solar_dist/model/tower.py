@@ -85,12 +85,14 @@ class SolarBlock(nn.Module):
             self.causal_prefix = cfg.causal_prefix
             self.far_bias = cfg.interest_far_bias and self.causal_kind == "svd"
             self.interest_grad = cfg.interest_grad if self.causal_kind == "svd" else "full"
+            self.window_mode = cfg.causal_window_mode if self.causal_kind == "svd" else "sliding"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         h = self.norm1(x)
         if self.causal:
             a = causal_attention(self.attn, h, mask, self.window, self.rel_bias, self.causal_kind, self.causal_prefix,
-                                 far_bias=self.far_bias, interest_grad=self.interest_grad)
+                                 far_bias=self.far_bias, interest_grad=self.interest_grad,
+                                 window_mode=self.window_mode)
         else:
             a = self.attn(h, h, mask, query_mask=mask, sp_group=sp_group)
         x = x + self.drop(a)

@@ -12,6 +12,11 @@ sample per cut point), position t may only see events <= t. Three kinds, one sig
                     per-head bias for each offset t-s in [0, C).
                 With ``far_bias`` the interests, which stand for the events older than the window, get the
                 learned bias of offset `window`, as the ``exact`` kind gives its older tokens.
+                The window overlaps the prefix: events in [t-C+1, jC) enter both the interests and the window.
+                ``window_mode="chunks"`` removes that double count: position t sees the interests of [0, (j-1)C)
+                and the exact tokens of chunks j-1 and j up to t (the last C..2C-1 events; offsets >= C get the
+                far bias, as in ``exact``). It costs the same (the window scores already span both chunks) and
+                equals ``exact`` on every sequence of at most 2C events.
                 Nothing at or after the chunk boundary jC enters the interests, and nothing after t enters the
                 window, so no event after t reaches position t (tests check gradients are exactly zero).
                 Cost per user: O(N·C·D) for the windows plus the interests of N/C prefixes. By default
@@ -39,6 +44,9 @@ from .interests import prefix_interests
 
 CAUSAL_KINDS = ("svd", "exact", "truncate")
 CAUSAL_PREFIXES = ("cumulative", "recompute")
+#: which exact tokens position t in chunk j sees beside the interests: "sliding" [t-C+1, t] with the interests of
+#: [0, jC) (the two overlap); "chunks" chunks j-1 and j up to t with the interests of [0, (j-1)C) (no overlap)
+WINDOW_MODES = ("sliding", "chunks")
 #: what the loss's gradient reaches through the interests (svd kind): "full"; "eigenvalues" (cumulative prefix:
 #: the eigenvectors held constant, ops/interests.PREFIX_GRADS); "none" (the interests enter as constants: their
 #: keys and values still train the k/v projections, but nothing flows back into the tokens they summarise)
@@ -69,7 +77,7 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
 
 def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
                      rel_bias: Optional[torch.Tensor] = None, kind: str = "svd", prefix: str = "cumulative",
-                     far_bias: bool = False, interest_grad: str = "full") -> torch.Tensor:
+                     far_bias: bool = False, interest_grad: str = "full", window_mode: str = "sliding") -> torch.Tensor:
     """x (B, N, D): queries, keys and values are the sequence's own tokens; mask (B, N) left-aligned valid
     positions. `attn`: an attention module (its q/k/v/out projections, heads and, for ``svd``, `interests`).
     `rel_bias` (h, window + 1): additive score bias per head for offsets 0..window-1, last entry for older
@@ -77,7 +85,8 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
     computes the prefix interests from running Gram sums (ops/interests.prefix_interests; basis_grad must be
     "full"); ``recompute`` calls the module's `interests` (its svd_method) on each prefix. `interest_grad`
     (INTEREST_GRADS, ``svd``): how much of the gradient flows back through the interests; the forward is the
-    same for all three. Returns (B, N, D);
+    same for all three. `window_mode` (WINDOW_MODES, ``svd``): "sliding" or "chunks" (see the module docstring).
+    Returns (B, N, D);
     padded positions are zero."""
     _check(attn, x, mask, window, rel_bias, kind)
     if far_bias and rel_bias is None:
@@ -86,6 +95,11 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
         raise ValueError(f"prefix must be one of {list(CAUSAL_PREFIXES)}, got {prefix!r}")
     if interest_grad not in INTEREST_GRADS:
         raise ValueError(f"interest_grad must be one of {list(INTEREST_GRADS)}, got {interest_grad!r}")
+    if window_mode not in WINDOW_MODES:
+        raise ValueError(f"window_mode must be one of {list(WINDOW_MODES)}, got {window_mode!r}")
+    if window_mode != "sliding" and kind != "svd":
+        raise ValueError(f"window_mode={window_mode!r} splits the history between the interests and the window; "
+                         f"kind={kind!r} has no interests (use window_mode='sliding')")
     if kind == "svd" and interest_grad == "eigenvalues" and prefix != "cumulative":
         raise ValueError("interest_grad='eigenvalues' holds the Gram eigenvectors constant and needs "
                          f"prefix='cumulative', got prefix={prefix!r}")
@@ -114,17 +128,21 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
     a = torch.arange(C, device=x.device)
     b = torch.arange(2 * C, device=x.device)
     off = a[:, None] + C - b[None, :]                                      # t - s, (C, 2C)
-    band = (off >= 0) & (off < C)
+    chunks = window_mode == "chunks"
+    band = (off >= 0) if chunks else (off >= 0) & (off < C)  # chunks: every key of chunk j-1 and j up to t
     scale = 1.0 / math.sqrt(dh)
     s_win = torch.einsum("bjqhe,bjkhe->bjhqk", q, kw) * scale             # (B,nC,h,C,2C)
-    if rel_bias is not None:
-        s_win = s_win + rel_bias[:, off.clamp(0, C - 1)].to(s_win.dtype)[None, None]
+    if rel_bias is not None:  # offsets >= C (chunks only) get the far slot
+        s_win = s_win + rel_bias[:, off.clamp(0, C)].to(s_win.dtype)[None, None]
     m_win = band[None, None, None] & mw[:, :, None, None, :]              # (B,nC,1,C,2C)
     if kind == "svd":
         r = attn.rank
+        # chunk j reads the boundary jC (sliding) or (j-1)C (chunks): chunks shifts every prefix one chunk later
+        lag = 2 if chunks else 1
         if prefix == "cumulative":  # every prefix [0, jC) from running Gram sums: O(N·D² + N/C·D³)
-            # only boundaries whose chunk holds a query: in a batch of skewed lengths most lie past the end
-            it = prefix_interests(xm, mask, r, C, attn.interest_scale, tol=attn.tol, needed=mc[:, 1:].any(-1),
+            # only boundaries whose reading chunk holds a query: in a batch of skewed lengths most lie past the end
+            needed = F.pad(mc[:, lag:].any(-1), (0, lag - 1)) if nC > 1 else mc.new_zeros(B, 0)
+            it = prefix_interests(xm, mask, r, C, attn.interest_scale, tol=attn.tol, needed=needed,
                                   grad="eigenvalues" if interest_grad == "eigenvalues" else "full")
             z = torch.cat([x.new_zeros(B, 1, r, D), it.z.to(x.dtype)], 1)  # (B,nC,r,D); chunk 0 has no past
             alive = torch.cat([mask.new_zeros(B, 1, r), it.alive], 1)
@@ -133,12 +151,20 @@ def causal_attention(attn, x: torch.Tensor, mask: torch.Tensor, window: int,
         else:  # recompute each prefix with the module's own method (randomized / gram / exact)
             zs, alives, biases = [x.new_zeros(B, r, D)], [mask.new_zeros(B, r)], [x.new_zeros(B, r)]
             for j in range(1, nC):  # interests of the prefix [0, jC): rows at or after jC never enter
+                if j > nC - lag:  # read by no chunk (chunks mode: the last boundary): left empty
+                    zs.append(zs[0])
+                    alives.append(alives[0])
+                    biases.append(biases[0])
+                    continue
                 it = attn.interests(xm[:, : j * C], mask[:, : j * C])
                 zs.append(it.z.to(x.dtype))
                 alives.append(it.alive)
-                if attn.mass_bias:
-                    biases.append(attn.interest_bias(it).to(x.dtype))
+                biases.append(attn.interest_bias(it).to(x.dtype) if attn.mass_bias else biases[0])
             z, alive, bias = torch.stack(zs, 1), torch.stack(alives, 1), torch.stack(biases, 1)
+        if chunks:  # chunk j gets the prefix [0, (j-1)C): one more chunk of the past goes to the window
+            z, alive = F.pad(z[:, :-1], (0, 0, 0, 0, 1, 0)), F.pad(alive[:, :-1], (0, 0, 1, 0))
+            if attn.mass_bias:
+                bias = F.pad(bias[:, :-1], (0, 0, 1, 0))
         if interest_grad == "none":
             z = z.detach()
             if attn.mass_bias:

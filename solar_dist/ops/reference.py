@@ -148,12 +148,15 @@ def ref_exact_attention(module, query, memory, memory_mask, query_mask=None, ext
     return ref_mha(module, query, kv, kv_mask, None, query_mask, use_sdpa=False)
 
 
-def ref_causal_attention(module, x, mask, window, rel_bias=None, kind="svd", tol=None, far_bias=False):
+def ref_causal_attention(module, x, mask, window, rel_bias=None, kind="svd", tol=None, far_bias=False,
+                         window_mode="sliding"):
     """Reference of :func:`solar_dist.ops.causal.causal_attention`, position by position in float64.
 
     Position t of user b attends to: (``svd``) the reference interests of x[b, :(t // window) * window] and the
-    tokens s in [t - window + 1, t]; (``truncate``) those tokens only; (``exact``) every s <= t. Offset t - s
-    gets rel_bias[:, min(t - s, window)]; with `far_bias` every interest gets rel_bias[:, window] too."""
+    tokens s in [t - window + 1, t]; (``truncate``) those tokens only; (``exact``) every s <= t. With
+    window_mode="chunks" (``svd``) the interests of x[b, :(t // window - 1) * window] and every token from there
+    to t instead. Offset t - s gets rel_bias[:, min(t - s, window)]; with `far_bias` every interest gets
+    rel_bias[:, window] too."""
     B, N, D = x.shape
     h = module.num_heads
     dh = D // h
@@ -164,13 +167,14 @@ def ref_causal_attention(module, x, mask, window, rel_bias=None, kind="svd", tol
         n = int(mask[b].sum())
         xb = x[b, :n].detach().to(torch.float64)
         for t in range(n):
-            lo = 0 if kind == "exact" else max(0, t - window + 1)
+            split = max(0, (t // window - 1) * window)  # chunks: where the interests end and the tokens begin
+            lo = 0 if kind == "exact" else split if window_mode == "chunks" else max(0, t - window + 1)
             toks = xb[lo: t + 1]
             offs = t - torch.arange(lo, t + 1)
             tok_bias = bias_tab[:, offs.clamp(max=window)]                     # (h, K)
             kv, kv_bias = toks, tok_bias
             if kind == "svd":
-                start = (t // window) * window
+                start = split if window_mode == "chunks" else (t // window) * window
                 if start > 0:
                     z, alive, mass, _, _ = ref_compact_interests(xb[None, :start], torch.ones(1, start, dtype=torch.bool),
                                                                  module.rank, scale=module.interest_scale, tol=tol)

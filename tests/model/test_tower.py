@@ -110,3 +110,27 @@ def test_interest_far_bias_trains_the_far_slot_of_causal_svd_only(attention):
         assert grads[False] > 0.0 and grads[True] == grads[False]  # the option does not touch exact attention
     else:
         assert grads[False] == grads[True] == 0.0
+
+
+def test_causal_window_mode_chunks_is_exact_attention_on_short_histories():
+    """model.causal_window_mode=chunks: a tower whose histories are at most two windows long computes exactly what
+    the exact-attention tower with the same weights computes; a longer history reads its interests and does not.
+    The default (sliding) reads interests from the second window on."""
+    dim, w = 16, 4
+    towers = {}
+    for attention, mode in (("sdpa", "sliding"), ("svd", "chunks"), ("svd", "sliding")):
+        torch.manual_seed(0)
+        cfg = ModelConfig(depth=2, num_heads=2, rank=3, attention=attention, causal_window=w, svd_method="gram",
+                          causal_window_mode=mode)
+        towers[attention, mode] = SolarTower(cfg, dim, head="states").double().eval()
+    state = towers["sdpa", "sliding"].state_dict()
+    for key in (("svd", "chunks"), ("svd", "sliding")):
+        _, unexpected = towers[key].load_state_dict(state, strict=False)
+        assert not unexpected, unexpected
+    short, hl, _, _, _ = make_inputs([8, 5, 1], [1, 1, 1], dim, seed=4)
+    ref = towers["sdpa", "sliding"](short.double(), hl, mode="states")
+    torch.testing.assert_close(towers["svd", "chunks"](short.double(), hl, mode="states"), ref, atol=1e-10, rtol=1e-8)
+    assert not torch.allclose(towers["svd", "sliding"](short.double(), hl, mode="states"), ref)
+    long, hl2, _, _, _ = make_inputs([9], [1], dim, seed=5)
+    assert not torch.allclose(towers["svd", "chunks"](long.double(), hl2, mode="states"),
+                              towers["sdpa", "sliding"](long.double(), hl2, mode="states"))

@@ -87,8 +87,53 @@ def test_fast_interest_methods_match_reference_on_low_rank_sequences(method):
     torch.testing.assert_close(got, ref_causal_attention(m, x, mask, w, None, "svd"), atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind, prefix", KINDS)
-def test_nothing_after_t_reaches_t(kind, prefix):
+@pytest.mark.parametrize("prefix", ["cumulative", "recompute"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_chunks_window_matches_reference(prefix, case):
+    """window_mode="chunks": interests of [0, (j-1)C) and the tokens of chunks j-1, j up to t, each counted once;
+    with and without the mass and far biases."""
+    lengths, N, D, h, r, w = CASES[case]
+    gen = torch.Generator().manual_seed(300 + case)
+    x, mask = _batch(lengths, N, D, gen)
+    m = _module(D, h, r, "exact", mass_bias=(case % 2 == 1))
+    rel = torch.randn(h, w + 1, generator=gen, dtype=torch.float64)
+    far = case % 2 == 0
+    got = causal_attention(m, x, mask, w, rel, "svd", prefix, far_bias=far, window_mode="chunks")
+    ref = ref_causal_attention(m, x, mask, w, rel, "svd", far_bias=far, window_mode="chunks")
+    torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-7)
+    assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
+    sliding = causal_attention(m, x, mask, w, rel, "svd", prefix, far_bias=far)
+    # the two modes agree on the first chunk (no past) only; from chunk 1 on, "chunks" sees chunk j-1 whole
+    torch.testing.assert_close(got[:, :w], sliding[:, :w], atol=1e-12, rtol=0)
+    late = mask & (torch.arange(N)[None, :] >= w)
+    if bool(late.any()):
+        assert not torch.allclose(got[late], sliding[late])
+
+
+@pytest.mark.parametrize("prefix", ["cumulative", "recompute"])
+def test_chunks_window_is_exact_up_to_two_chunks(prefix):
+    """Sequences of at most 2C events have no interests under window_mode="chunks": every position sees all of
+    its past exactly, with exact's biases (offsets >= C share the far slot), so the output is exact's."""
+    gen = torch.Generator().manual_seed(11)
+    w = 5
+    x, mask = _batch([10, 7, 3, 1], 10, 8, gen)
+    m = _module(8, 2, 3, "randomized")
+    rel = torch.randn(2, w + 1, generator=gen, dtype=torch.float64)
+    got = causal_attention(m, x, mask, w, rel, "svd", prefix, window_mode="chunks")
+    torch.testing.assert_close(got, causal_attention(m, x, mask, w, rel, "exact"), atol=1e-12, rtol=1e-10)
+    # one event more and the last position reads the interests of the first chunk
+    x2, mask2 = _batch([11], 11, 8, gen)
+    a = causal_attention(m, x2, mask2, w, rel, "svd", prefix, window_mode="chunks")
+    b = causal_attention(m, x2, mask2, w, rel, "exact")
+    torch.testing.assert_close(a[:, :10], b[:, :10], atol=1e-12, rtol=1e-10)
+    assert not torch.allclose(a[:, 10], b[:, 10])
+
+
+CAUSAL_SETTINGS = [k + ("sliding",) for k in KINDS] + [("svd", "cumulative", "chunks"), ("svd", "recompute", "chunks")]
+
+
+@pytest.mark.parametrize("kind, prefix, window_mode", CAUSAL_SETTINGS)
+def test_nothing_after_t_reaches_t(kind, prefix, window_mode):
     """Gradients of position t's output w.r.t. every later event are exactly zero, and changing the later
     events leaves positions <= t bit-identical (randomized interests, float32: the training configuration)."""
     gen = torch.Generator().manual_seed(3)
@@ -98,13 +143,13 @@ def test_nothing_after_t_reaches_t(kind, prefix):
     rel = torch.randn(2, w + 1, generator=gen)
     for t in (0, 3, 4, 9, 16):
         xx = x.clone().requires_grad_(True)
-        y = causal_attention(m, xx, mask, w, rel, kind, prefix)
+        y = causal_attention(m, xx, mask, w, rel, kind, prefix, window_mode=window_mode)
         y[:, t].pow(2).sum().backward()
         assert torch.equal(xx.grad[:, t + 1:], torch.zeros_like(xx.grad[:, t + 1:])), t
         assert bool(xx.grad[:, : t + 1].abs().sum() > 0)
         x2 = x.clone()
         x2[:, t + 1:] = torch.randn(B, N - t - 1, D, generator=gen) * 5
-        y2 = causal_attention(m, x2, mask, w, rel, kind, prefix)
+        y2 = causal_attention(m, x2, mask, w, rel, kind, prefix, window_mode=window_mode)
         assert torch.equal(y.detach()[:, : t + 1], y2[:, : t + 1]), t
 
 
@@ -143,6 +188,10 @@ def test_bad_inputs_are_named():
         causal_attention(m, x[..., :4], mask, 2)
     with pytest.raises(ValueError, match="prefix"):
         causal_attention(m, x, mask, 2, prefix="gram")
+    with pytest.raises(ValueError, match="window_mode"):
+        causal_attention(m, x, mask, 2, window_mode="blocks")
+    with pytest.raises(ValueError, match="kind='truncate' has no interests"):
+        causal_attention(m, x, mask, 2, kind="truncate", window_mode="chunks")
     m.basis_grad = "detach"
     with pytest.raises(ValueError, match="basis_grad"):
         causal_attention(m, x, mask, 2)
