@@ -5,6 +5,7 @@ Times `causal_attention` forward + backward, side by side in one run, for the ki
     svd       chunked-causal SVD-Attention: interests of each chunk boundary's prefix (running Gram sums,
               prefix="cumulative") + a sliding window
     svd_recompute  the same, every prefix factorised again with --svd-method (prefix="recompute")
+    svd_chunks     svd with window_mode="chunks" (the previous and current chunk exact, no event counted twice)
     exact     exact causal softmax over every earlier event, O(N²)
     truncate  the sliding window alone (last-k truncation)
 Median of --repeats timed runs after one warm-up, --batch sequences per call. `--lengths full`: every sequence
@@ -14,7 +15,7 @@ past their sequence's end.
 
     python tools/bench_causal.py --n 200 800 2000 --batch 16 --window 32 --rank 16 --json out/bench_causal.json
 
-Prints a table (seconds, and exact/svd and svd/truncate ratios) and writes a JSON list of records
+Prints a table (seconds, and exact/svd, chunks/svd and svd/truncate ratios) and writes a JSON list of records
 {kind, n, batch, dim, heads, rank, window, svd_method, seconds}.
 """
 from __future__ import annotations
@@ -33,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from solar_dist.ops import SVDAttention  # noqa: E402
 from solar_dist.ops.causal import CAUSAL_KINDS, causal_attention  # noqa: E402
 
-BENCH_KINDS = CAUSAL_KINDS + ("svd_recompute",)
+BENCH_KINDS = CAUSAL_KINDS + ("svd_recompute", "svd_chunks")
+#: bench kind -> (op kind, prefix, window_mode)
+OP_ARGS = {"svd_recompute": ("svd", "recompute", "sliding"), "svd_chunks": ("svd", "cumulative", "chunks")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,12 +85,13 @@ def run(args) -> list[dict]:
         x = torch.randn(args.batch, n, args.dim, device=device, dtype=dtype, requires_grad=True)
         mask = torch.arange(n, device=device)[None, :] < lengths_for(args, n).to(device)[:, None]
         for kind in args.kinds:
-            op_kind, prefix = ("svd", "recompute") if kind == "svd_recompute" else (kind, "cumulative")
+            op_kind, prefix, window_mode = OP_ARGS.get(kind, (kind, "cumulative", "sliding"))
             times = []
             for i in range(args.repeats + 1):
                 sync()
                 t0 = time.perf_counter()
-                causal_attention(module, x, mask, args.window, rel, op_kind, prefix).float().square().mean().backward()
+                y = causal_attention(module, x, mask, args.window, rel, op_kind, prefix, window_mode=window_mode)
+                y.float().square().mean().backward()
                 sync()
                 if i:  # the first call warms up
                     times.append(time.perf_counter() - t0)
@@ -102,13 +106,13 @@ def run(args) -> list[dict]:
 def print_table(records) -> None:
     by = {(r["n"], r["kind"]): r["seconds"] for r in records}
     print(f"{'N':>6} | {'svd s':>8} | {'svd recompute s':>15} | {'exact s':>8} | {'truncate s':>10} | "
-          f"{'exact/svd':>9} | {'recompute/svd':>13} | {'svd/truncate':>12}")
+          f"{'exact/svd':>9} | {'recompute/svd':>13} | {'chunks/svd':>10} | {'svd/truncate':>12}")
     for n in sorted({r["n"] for r in records}):
-        s, c, e, t = (by.get((n, k)) for k in ("svd", "svd_recompute", "exact", "truncate"))
+        s, c, e, t, h = (by.get((n, k)) for k in ("svd", "svd_recompute", "exact", "truncate", "svd_chunks"))
         f = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b else "-"  # noqa: E731
         print(f"{n:>6} | {f(s):>8} | {f(c):>15} | {f(e):>8} | {f(t):>10} | {ratio(e, s):>9} | "
-              f"{ratio(c, s):>13} | {ratio(s, t):>12}")
+              f"{ratio(c, s):>13} | {ratio(h, s):>10} | {ratio(s, t):>12}")
 
 
 def main(argv=None) -> int:

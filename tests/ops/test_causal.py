@@ -220,6 +220,8 @@ def test_cumulative_prefix_factorises_once_and_recompute_once_per_boundary(monke
     assert calls == {"interests": 0, "prefix": 1}
     causal_attention(m, x, mask, 5, None, "svd", "recompute")
     assert calls == {"interests": 7, "prefix": 1}  # ceil(37 / 5) - 1 boundaries
+    causal_attention(m, x, mask, 5, None, "svd", "recompute", window_mode="chunks")
+    assert calls == {"interests": 13, "prefix": 1}  # the last boundary is read by no chunk
 
 def test_bench_causal_smoke(tmp_path, capsys):
     """tools/bench_causal.py (`solar bench causal`): records for every kind and N, a table, the JSON file."""
@@ -231,10 +233,12 @@ def test_bench_causal_smoke(tmp_path, capsys):
     assert main(["bench", "causal", "--n", "16", "40", "--batch", "2", "--dim", "8", "--rank", "2", "--window", "4",
                  "--repeats", "1", "--json", str(out)]) == 0
     recs = json.loads(out.read_text())
-    assert {(r["kind"], r["n"]) for r in recs} == {(k, n) for k in ("svd", "svd_recompute", "exact", "truncate")
+    assert {(r["kind"], r["n"]) for r in recs} == {(k, n) for k in ("svd", "svd_recompute", "svd_chunks", "exact",
+                                                                              "truncate")
                                                     for n in (16, 40)}
     assert all(r["seconds"] > 0 for r in recs)
-    assert "exact/svd" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "exact/svd" in out and "chunks/svd" in out
 
 
 
