@@ -17,10 +17,7 @@ def rank_metrics(ranks: np.ndarray | torch.Tensor, k: int = 10) -> Dict[str, flo
     r = torch.as_tensor(ranks, dtype=torch.float64)
     if r.numel() == 0:
         return {f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan"), "mrr": float("nan"), "count": 0.0}
-    hit = r < k
-    return {f"hr@{k}": float(hit.double().mean()),
-            f"ndcg@{k}": float((hit.double() / torch.log2(r + 2.0)).mean()),
-            "mrr": float((1.0 / (r + 1.0)).mean()), "count": float(r.numel())}
+    return {**{name: float(v.mean()) for name, v in per_request_metrics(r, k).items()}, "count": float(r.numel())}
 
 
 def per_request_metrics(ranks: torch.Tensor, k: int) -> Dict[str, torch.Tensor]:

@@ -233,9 +233,8 @@ def test_bench_causal_smoke(tmp_path, capsys):
     assert main(["bench", "causal", "--n", "16", "40", "--batch", "2", "--dim", "8", "--rank", "2", "--window", "4",
                  "--repeats", "1", "--json", str(out)]) == 0
     recs = json.loads(out.read_text())
-    assert {(r["kind"], r["n"]) for r in recs} == {(k, n) for k in ("svd", "svd_recompute", "svd_chunks", "exact",
-                                                                              "truncate")
-                                                    for n in (16, 40)}
+    kinds = ("svd", "svd_recompute", "svd_chunks", "exact", "truncate")
+    assert {(r["kind"], r["n"]) for r in recs} == {(k, n) for k in kinds for n in (16, 40)}
     assert all(r["seconds"] > 0 for r in recs)
     out = capsys.readouterr().out
     assert "exact/svd" in out and "chunks/svd" in out
